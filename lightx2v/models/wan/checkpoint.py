@@ -1,0 +1,260 @@
+"""Checkpoint layouts of Wan2.1, detected from the files on disk, and strict loading of the DiT.
+
+Two public layouts:
+
+* original Wan release: ``config.json`` + ``diffusion_pytorch_model*.safetensors`` (+ ``.index.json``),
+  ``Wan2.1_VAE.pth``, ``models_t5_umt5-xxl-enc-bf16.pth``, tokenizer folder ``google/umt5-xxl/``;
+* diffusers: ``transformer/ vae/ text_encoder/ tokenizer/ scheduler/`` each with its config.
+
+Our DiT uses the original Wan parameter names; diffusers' names are mapped by the declared table below.
+Loading builds the model on the meta device, streams tensors from safetensors shards and assigns them; every
+missing, unexpected or mis-shaped tensor is reported in one :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lightx2v.errors import CheckpointError, UserError
+from lightx2v.models.wan.arch import WanDiTConfig
+
+WAN_DIT_WEIGHTS = "diffusion_pytorch_model"
+WAN_VAE_FILE = "Wan2.1_VAE.pth"
+WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+WAN_TOKENIZER_DIR = "google/umt5-xxl"
+
+# --- layout detection -----------------------------------------------------------------------------------------
+
+
+def detect_layout(model_path: str | Path) -> str:
+    """Return "wan" or "diffusers" for a model folder, or raise UserError naming what is missing."""
+    root = Path(model_path)
+    if not root.exists():
+        raise UserError(f"model path {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise UserError(f"model path {str(root)!r} is not a directory")
+    if (root / "transformer").is_dir() or (root / "model_index.json").is_file():
+        return "diffusers"
+    if (root / "config.json").is_file() or any(root.glob(f"{WAN_DIT_WEIGHTS}*.safetensors")):
+        return "wan"
+    raise UserError(
+        f"model path {str(root)!r} holds neither layout: expected the original Wan files (config.json, "
+        f"{WAN_DIT_WEIGHTS}*.safetensors, {WAN_VAE_FILE}, {WAN_T5_FILE}) or diffusers folders "
+        "(transformer/, vae/, text_encoder/, tokenizer/)"
+    )
+
+
+def require_file(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise CheckpointError(f"missing {what}: {path}")
+    return path
+
+
+# --- safetensors shards ---------------------------------------------------------------------------------------
+
+
+def safetensors_files(folder: Path, stem: str) -> list[Path]:
+    """The shard files of ``stem`` in ``folder``: from ``stem.safetensors.index.json`` or the single file."""
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [require_file(folder / n, f"shard listed in {index.name}") for n in names]
+    single = folder / f"{stem}.safetensors"
+    if single.is_file():
+        return [single]
+    shards = sorted(folder.glob(f"{stem}-*-of-*.safetensors"))
+    if shards:
+        return shards
+    raise CheckpointError(f"missing weights: no {stem}.safetensors (or its .index.json) in {folder}")
+
+
+def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                yield key, sf.get_tensor(key)
+
+
+# --- strict assignment into a meta-built module ---------------------------------------------------------------
+
+
+def assign_strict(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *, what: str,
+                  dtype_for=None, device="cpu") -> None:
+    """Assign every tensor to the parameter/buffer of the same name; report all problems at once.
+
+    ``dtype_for(name)`` gives the dtype each tensor is stored in (None: keep the checkpoint's).
+    """
+    expected = dict(module.state_dict(keep_vars=True))
+    seen, unexpected, mismatched = set(), [], []
+    for name, tensor in tensors:
+        target = expected.get(name)
+        if target is None:
+            unexpected.append(name)
+            continue
+        if tuple(target.shape) != tuple(tensor.shape):
+            mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+            continue
+        dt = dtype_for(name) if dtype_for else None
+        tensor = tensor.to(device=device, dtype=dt or tensor.dtype)
+        _set_tensor(module, name, tensor)
+        seen.add(name)
+    missing = sorted(set(expected) - seen)
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_short(sorted(unexpected))}")
+    if mismatched:
+        problems.append(f"shape mismatches {_short(mismatched)}")
+    if problems:
+        raise CheckpointError(f"{what}: " + "; ".join(problems))
+
+
+def _short(items: list[str], n: int = 20) -> str:
+    more = f" ... and {len(items) - n} more" if len(items) > n else ""
+    return "[" + ", ".join(items[:n]) + "]" + more
+
+
+def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+# --- DiT key names: diffusers <-> original Wan ----------------------------------------------------------------
+# One (diffusers regex, Wan replacement) per parameter family; the reverse direction is declared beside it.
+# The Wan release calls the cross-attention LayerNorm "norm3"; diffusers calls it "norm2".
+
+_DIT_RENAMES: list[tuple[str, str, str, str]] = [
+    # (diffusers pattern, wan replacement, wan pattern, diffusers replacement)
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0.",
+     r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2.",
+     r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1.",
+     r"^time_projection\.1\.", "condition_embedder.time_proj."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0.",
+     r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2.",
+     r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0.",
+     r"^img_emb\.proj\.0\.", "condition_embedder.image_embedder.norm1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1.",
+     r"^img_emb\.proj\.1\.", "condition_embedder.image_embedder.ff.net.0.proj."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3.",
+     r"^img_emb\.proj\.3\.", "condition_embedder.image_embedder.ff.net.2."),
+    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4.",
+     r"^img_emb\.proj\.4\.", "condition_embedder.image_embedder.norm2."),
+    (r"^condition_embedder\.image_embedder\.pos_embed$", "img_emb.emb_pos",
+     r"^img_emb\.emb_pos$", "condition_embedder.image_embedder.pos_embed"),
+    (r"^patch_embedding\.", "patch_embedding.", r"^patch_embedding\.", "patch_embedding."),
+    (r"^proj_out\.", "head.head.", r"^head\.head\.", "proj_out."),
+    (r"^scale_shift_table$", "head.modulation", r"^head\.modulation$", "scale_shift_table"),
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation",
+     r"^blocks\.(\d+)\.modulation$", r"blocks.\1.scale_shift_table"),
+    (r"^blocks\.(\d+)\.attn1\.to_(q|k|v)\.", r"blocks.\1.self_attn.\2.",
+     r"^blocks\.(\d+)\.self_attn\.(q|k|v)\.", r"blocks.\1.attn1.to_\2."),
+    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o.",
+     r"^blocks\.(\d+)\.self_attn\.o\.", r"blocks.\1.attn1.to_out.0."),
+    (r"^blocks\.(\d+)\.attn1\.norm_(q|k)\.", r"blocks.\1.self_attn.norm_\2.",
+     r"^blocks\.(\d+)\.self_attn\.norm_(q|k)\.", r"blocks.\1.attn1.norm_\2."),
+    (r"^blocks\.(\d+)\.attn2\.to_(q|k|v)\.", r"blocks.\1.cross_attn.\2.",
+     r"^blocks\.(\d+)\.cross_attn\.(q|k|v)\.", r"blocks.\1.attn2.to_\2."),
+    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o.",
+     r"^blocks\.(\d+)\.cross_attn\.o\.", r"blocks.\1.attn2.to_out.0."),
+    (r"^blocks\.(\d+)\.attn2\.norm_(q|k)\.", r"blocks.\1.cross_attn.norm_\2.",
+     r"^blocks\.(\d+)\.cross_attn\.norm_(q|k)\.", r"blocks.\1.attn2.norm_\2."),
+    (r"^blocks\.(\d+)\.attn2\.add_(k|v)_proj\.", r"blocks.\1.cross_attn.\2_img.",
+     r"^blocks\.(\d+)\.cross_attn\.(k|v)_img\.", r"blocks.\1.attn2.add_\2_proj."),
+    (r"^blocks\.(\d+)\.attn2\.norm_added_k\.", r"blocks.\1.cross_attn.norm_k_img.",
+     r"^blocks\.(\d+)\.cross_attn\.norm_k_img\.", r"blocks.\1.attn2.norm_added_k."),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3.", r"^blocks\.(\d+)\.norm3\.", r"blocks.\1.norm2."),
+    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0.",
+     r"^blocks\.(\d+)\.ffn\.0\.", r"blocks.\1.ffn.net.0.proj."),
+    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2.", r"^blocks\.(\d+)\.ffn\.2\.", r"blocks.\1.ffn.net.2."),
+]
+_FROM_DIFFUSERS = [(re.compile(p), r) for p, r, _, _ in _DIT_RENAMES]
+_TO_DIFFUSERS = [(re.compile(p), r) for _, _, p, r in _DIT_RENAMES]
+
+
+def _rename(key: str, table) -> str | None:
+    for pattern, repl in table:
+        new, n = pattern.subn(repl, key)
+        if n:
+            return new
+    return None
+
+
+def dit_key_from_diffusers(key: str) -> str:
+    """diffusers name -> Wan name; a key with no mapping comes back tagged, so strict loading reports it."""
+    return _rename(key, _FROM_DIFFUSERS) or f"{key} (diffusers name with no Wan mapping)"
+
+
+def dit_key_to_diffusers(key: str) -> str:
+    new = _rename(key, _TO_DIFFUSERS)
+    if new is None:
+        raise CheckpointError(f"DiT key {key!r} has no diffusers name")
+    return new
+
+
+# --- DiT loading / saving -------------------------------------------------------------------------------------
+
+
+def _strip_wan_prefix(key: str) -> str:
+    # Some community re-uploads of Wan checkpoints carry ComfyUI's "model.diffusion_model." prefix.
+    return key[len("model.diffusion_model."):] if key.startswith("model.diffusion_model.") else key
+
+
+def dit_folder(model_dir: Path, layout: str) -> Path:
+    return Path(model_dir) / "transformer" if layout == "diffusers" else Path(model_dir)
+
+
+def read_dit_config(model_dir: Path, layout: str) -> WanDiTConfig:
+    cfg_path = require_file(dit_folder(model_dir, layout) / "config.json", "DiT config")
+    d = json.loads(cfg_path.read_text())
+    return WanDiTConfig.from_diffusers_config(d) if layout == "diffusers" else WanDiTConfig.from_wan_config(d)
+
+
+def dit_tensors(model_dir: Path, layout: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(wan key, tensor) pairs streamed from the checkpoint, in either layout."""
+    files = safetensors_files(dit_folder(model_dir, layout), WAN_DIT_WEIGHTS)
+    for key, t in iter_safetensors(files):
+        yield (dit_key_from_diffusers(key) if layout == "diffusers" else _strip_wan_prefix(key)), t
+
+
+def load_dit(model_dir: Path, layout: str, *, attn, device="cpu", dtype=torch.float32):
+    """Build a WanDiT on the meta device and stream its weights in (strict)."""
+    from lightx2v.models.wan.dit import WanDiT
+
+    cfg = read_dit_config(model_dir, layout)
+    with torch.device("meta"):
+        model = WanDiT(cfg, attn)
+    dtype_for = lambda name: torch.float32 if WanDiT.is_float32_param(name) else dtype  # noqa: E731
+    assign_strict(model, dit_tensors(model_dir, layout), what=f"DiT checkpoint in {dit_folder(model_dir, layout)}",
+                  dtype_for=dtype_for, device=device)
+    return model.eval().requires_grad_(False)
+
+
+def save_dit(state_dict: dict[str, torch.Tensor], cfg: WanDiTConfig, out_dir: Path, layout: str) -> None:
+    """Write a DiT state dict (wan key names) in ``layout`` under ``out_dir`` (a model root)."""
+    folder = dit_folder(out_dir, layout)
+    folder.mkdir(parents=True, exist_ok=True)
+    if layout == "diffusers":
+        sd = {dit_key_to_diffusers(k): v.contiguous() for k, v in state_dict.items()}
+        config = cfg.to_diffusers_config()
+    else:
+        sd = {k: v.contiguous() for k, v in state_dict.items()}
+        config = cfg.to_wan_config()
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(sd, str(folder / f"{WAN_DIT_WEIGHTS}.safetensors"))

@@ -1,0 +1,293 @@
+"""The Wan2.1 diffusion transformer, as plain PyTorch math.
+
+Parameter names follow the original Wan release (``blocks.0.self_attn.q.weight``, ``head.modulation`` ...), so
+its checkpoints load without renaming; diffusers' names are mapped in ``checkpoint.py``.
+
+Precision: the linear layers run in the model's dtype (bf16 on GPU); the time embedding, the adaLN modulation,
+the LayerNorm statistics and the residual updates are computed in float32, as the reference does.
+Attention goes only through ``lightx2v.ops.attention`` (resolved once, at build time).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightx2v.models.wan.arch import CLIP_TOKENS, WanDiTConfig
+from lightx2v.ops.attention import AttentionBackend
+
+
+# --- small pieces ---------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim; statistics in float32, result cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def layer_norm_f32(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
+    """LayerNorm computed in float32 (returns float32)."""
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
+
+
+class AffineLayerNorm(nn.Module):
+    """LayerNorm with weight and bias, computed in float32, cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm_f32(x, self.eps, self.weight, self.bias).to(x.dtype)
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t: [B] (float timesteps in [0, 1000]) -> [B, dim] float32, cos half first (Wan / diffusers convention)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_tables(head_dim: int, grid: tuple[int, int, int], device, theta: float = 10000.0):
+    """3D RoPE for a (frames, height, width) token grid.
+
+    The head dim is split into a time part and two equal spatial parts (``2*(d//6)`` each), each rotated by its own
+    coordinate. Returns ``cos, sin`` of shape [L, head_dim // 2] (float32), one angle per channel pair.
+    """
+    f, h, w = grid
+    hw_dim = 2 * (head_dim // 6)
+    t_dim = head_dim - 2 * hw_dim
+    angles = []
+    for n, d in ((f, t_dim), (h, hw_dim), (w, hw_dim)):
+        inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)  # [d/2]
+        angles.append(torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv))  # [n, d/2]
+    a_t = angles[0][:, None, None, :].expand(f, h, w, -1)
+    a_h = angles[1][None, :, None, :].expand(f, h, w, -1)
+    a_w = angles[2][None, None, :, :].expand(f, h, w, -1)
+    a = torch.cat([a_t, a_h, a_w], dim=-1).reshape(f * h * w, head_dim // 2)
+    return torch.cos(a).float(), torch.sin(a).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, L, H, D]; consecutive channel pairs (2i, 2i+1) are rotated by angle i. Math in float32."""
+    xf = x.float().unflatten(-1, (-1, 2))  # [B, L, H, D/2, 2]
+    x1, x2 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+# --- attention ------------------------------------------------------------------------------------------------
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float, attn: AttentionBackend):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [B, L, C] -> [B, L, C]."""
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
+        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return self.o(self.attn(q, k, v).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from the video tokens to the text tokens; for I2V also to the CLIP image tokens."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, attn: AttentionBackend, image_input: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        self.image_input = image_input
+        if image_input:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None) -> torch.Tensor:
+        """x: [B, L, C]; context: [B, Lt, C] text tokens; context_img: [B, Li, C] image tokens (I2V) or None."""
+        heads = self.num_heads
+        q = self.norm_q(self.q(x)).unflatten(-1, (heads, -1))
+        k = self.norm_k(self.k(context)).unflatten(-1, (heads, -1))
+        v = self.v(context).unflatten(-1, (heads, -1))
+        out = self.attn(q, k, v).flatten(2)
+        if self.image_input:
+            k_img = self.norm_k_img(self.k_img(context_img)).unflatten(-1, (heads, -1))
+            v_img = self.v_img(context_img).unflatten(-1, (heads, -1))
+            out = out + self.attn(q, k_img, v_img).flatten(2)
+        return self.o(out)
+
+
+# --- the block ------------------------------------------------------------------------------------------------
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanDiTConfig, attn: AttentionBackend):
+        super().__init__()
+        dim, eps = cfg.dim, cfg.eps
+        self.eps = eps
+        self.self_attn = SelfAttention(dim, cfg.num_heads, eps, attn)
+        self.norm3 = AffineLayerNorm(dim, eps)  # before cross-attention (name from the Wan release)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, eps, attn, cfg.has_image_input)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, dim))  # float32: adaLN shift/scale/gate offsets
+
+    def forward(self, x, e, context, context_img, rope):
+        """x: [B, L, C]; e: [B, 6, C] float32 time projection; context(_img): [B, Lt(/Li), C]."""
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e).chunk(6, dim=1)  # [B, 1, C]
+        y = (layer_norm_f32(x, self.eps) * (1 + scale) + shift).to(x.dtype)
+        x = (x.float() + self.self_attn(y, rope).float() * gate).to(x.dtype)
+        x = x + self.cross_attn(self.norm3(x), context, context_img)
+        y = (layer_norm_f32(x, self.eps) * (1 + c_scale) + c_shift).to(x.dtype)
+        x = (x.float() + self.ffn(y).float() * c_gate).to(x.dtype)
+        return x
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, C]; temb: [B, C] float32 -> [B, L, out_dim * prod(patch)]."""
+        shift, scale = (self.modulation.float() + temb[:, None]).chunk(2, dim=1)
+        return self.head((layer_norm_f32(x, self.eps) * (1 + scale) + shift).to(x.dtype))
+
+
+class ImageProjection(nn.Module):
+    """CLIP image tokens [B, 257, 1280] -> [B, 257, dim] (FLF2V: first and last image, 514 tokens)."""
+
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        d_in = cfg.image_dim
+        self.proj = nn.Sequential(
+            nn.LayerNorm(d_in), nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, cfg.dim), nn.LayerNorm(cfg.dim)
+        )
+        if cfg.model_type == "flf2v":
+            self.emb_pos = nn.Parameter(torch.zeros(1, 2 * CLIP_TOKENS, d_in))
+        else:
+            self.emb_pos = None
+
+    def forward(self, clip_tokens: torch.Tensor) -> torch.Tensor:
+        if self.emb_pos is not None:  # [B, 2 * 257, 1280]: first and last frame tokens
+            clip_tokens = clip_tokens.reshape(-1, self.emb_pos.shape[1], clip_tokens.shape[-1]) + self.emb_pos
+        norm0, fc1, act, fc2, norm1 = self.proj
+        dtype = fc1.weight.dtype
+        y = layer_norm_f32(clip_tokens, norm0.eps, norm0.weight, norm0.bias).to(dtype)
+        y = fc2(act(fc1(y)))
+        return layer_norm_f32(y, norm1.eps, norm1.weight, norm1.bias).to(dtype)
+
+
+# --- the model ------------------------------------------------------------------------------------------------
+
+class WanDiT(nn.Module):
+    """Wan2.1 DiT. ``forward(x, t, context, clip_tokens=None) -> velocity`` with x: [B, in_dim, F, H, W]."""
+
+    # Parameters kept in float32 whatever the model dtype (small; they carry the reference's float32 math).
+    FLOAT32_PARAMS = ("time_embedding.", "time_projection.", "modulation", "norm_q.", "norm_k.", "norm_k_img.",
+                      "norm3.", "img_emb.proj.0.", "img_emb.proj.4.", "img_emb.emb_pos")
+
+    def __init__(self, cfg: WanDiTConfig, attn: AttentionBackend):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList([WanBlock(cfg, attn) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        self.img_emb = ImageProjection(cfg) if cfg.has_image_input else None
+        self._rope_cache: dict = {}
+
+    @staticmethod
+    def is_float32_param(name: str) -> bool:
+        return any(p in name for p in WanDiT.FLOAT32_PARAMS)
+
+    def to_inference_dtype(self, dtype: torch.dtype) -> "WanDiT":
+        """Cast the bulk of the weights to ``dtype`` and keep the float32 islands in float32."""
+        for name, p in self.named_parameters():
+            p.data = p.data.to(torch.float32 if self.is_float32_param(name) else dtype)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    def rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (grid, str(device))
+        if key not in self._rope_cache:
+            self._rope_cache = {key: rope_tables(self.cfg.head_dim, grid, device)}
+        return self._rope_cache[key]
+
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t: [B] -> temb [B, C] and its 6-way projection [B, 6, C], both float32."""
+        emb = sinusoidal_embedding(t, self.cfg.freq_dim)
+        lin1, act, lin2 = self.time_embedding
+        temb = lin2(act(lin1(emb.to(lin1.weight.dtype)))).float()
+        e = self.time_projection(temb.to(self.time_projection[1].weight.dtype)).float()
+        return temb, e.unflatten(1, (6, -1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                clip_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        x:           [B, in_dim, F, H, W] latents (I2V: noise latents concatenated with the 20 conditioning channels)
+        t:           [B] timesteps (0..1000, float)
+        context:     [B, text_len, text_dim] text embeddings (zero-padded past the prompt)
+        clip_tokens: [B, 257, 1280] CLIP image tokens (I2V) / [B, 514, 1280] (FLF2V)
+        returns      [B, out_dim, F, H, W] float32 velocity
+        """
+        cfg = self.cfg
+        if cfg.has_image_input and clip_tokens is None:
+            raise ValueError(f"this {cfg.model_type} DiT needs clip_tokens")
+        b, _, f, h, w = x.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (f // pt, h // ph, w // pw)
+        dtype = self.dtype
+
+        tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # [B, L, C]
+        temb, e = self.embed_time(t.expand(b) if t.numel() == 1 else t)
+        ctx = self.text_embedding(context.to(dtype))
+        ctx_img = self.img_emb(clip_tokens.to(dtype)) if self.img_emb is not None else None
+        rope = self.rope(grid, x.device)
+
+        for block in self.blocks:
+            tokens = block(tokens, e, ctx, ctx_img, rope)
+
+        out = self.head(tokens, temb)  # [B, L, out_dim * pt * ph * pw]
+        # unpatchify: [B, f, h, w, pt, ph, pw, C] -> [B, C, f*pt, h*ph, w*pw]
+        out = out.reshape(b, *grid, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, -1, grid[0] * pt, grid[1] * ph, grid[2] * pw).float()

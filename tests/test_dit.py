@@ -85,7 +85,7 @@ def test_dit_roundtrip_wan_layout(tmp_path):
     x, t, ctx, clip = _inputs(image=True)
     with torch.no_grad():
         # same weights bit for bit; CPU GEMMs may sum in another order for other buffer alignments
-        assert _rel(again(x, t, ctx, clip), ours(x, t, ctx, clip)) <= 1e-6
+        assert _rel(again(x, t, ctx, clip), ours(x, t, ctx, clip)) <= 1e-5
     for (k, a), (k2, b) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
     # wan -> diffusers -> wan key names are a bijection on the real key set

@@ -8,11 +8,11 @@ from lightx2v.schedulers.unipc import FlowUniPCScheduler
 
 SCHEDULERS = {"unipc": FlowUniPCScheduler, "euler": FlowEulerScheduler}
 
-__all__ = ["FlowEulerScheduler", "FlowUniPCScheduler", "SCHEDULERS", "make_scheduler"]
+__all__ = ["SCHEDULERS", "FlowEulerScheduler", "FlowUniPCScheduler", "make_scheduler"]
 
 
 def make_scheduler(name: str = "unipc", *, shift: float, num_train_timesteps: int = 1000):
     """Build the scheduler called ``name`` ("unipc" or "euler"); call ``set_timesteps`` on it before sampling."""
-    if name not in SCHEDULERS:
+    if not isinstance(name, str) or name not in SCHEDULERS:
         raise UserError(f"unknown scheduler {name!r}; allowed: {', '.join(repr(k) for k in SCHEDULERS)}")
     return SCHEDULERS[name](num_train_timesteps=num_train_timesteps, shift=shift)

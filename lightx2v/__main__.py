@@ -1,0 +1,5 @@
+import sys
+
+from lightx2v.cli import main
+
+sys.exit(main())

@@ -1,0 +1,103 @@
+"""Command line: ``lightx2v generate ...`` and ``lightx2v convert ...``.
+
+``python -m lightx2v.infer`` takes the flags of ``generate`` (LightX2V's entry point). A mistake of the user's
+prints one line and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lightx2v.errors import UserError
+
+OVERRIDES = {  # flag -> type; given flags override the config JSON
+    "infer_steps": int, "height": int, "width": int, "num_frames": int, "guidance_scale": float,
+    "sample_shift": float, "attn_mode": str, "sample_solver": str, "device": str, "dtype": str, "fps": int,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_cls", default="wan2.1", help="model class (wan2.1)")
+    p.add_argument("--task", default="t2v", help="t2v | i2v | flf2v")
+    p.add_argument("--model_path", default=None, help="checkpoint folder (either layout); omit for the tiny model")
+    p.add_argument("--config_json", default=None, help="LightX2V-style JSON config")
+    p.add_argument("--prompt", default="", help="text prompt")
+    p.add_argument("--negative_prompt", default="", help="negative prompt (used with CFG)")
+    p.add_argument("--image_path", default=None, help="input image (i2v, flf2v)")
+    p.add_argument("--last_frame_path", default=None, help="last frame image (flf2v)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--save_result_path", required=True, help="output .mp4 (a single frame is saved as .png)")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    for flag, typ in OVERRIDES.items():
+        p.add_argument(f"--{flag}", type=typ, default=None)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from lightx2v.pipeline import LightX2VPipeline
+
+    overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    pipe = LightX2VPipeline(model_path=args.model_path, model_cls=args.model_cls, task=args.task)
+    pipe.create_generator(config_json=args.config_json, **overrides)
+    saved = pipe.generate(seed=args.seed, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                          image_path=args.image_path, last_frame_path=args.last_frame_path,
+                          save_result_path=args.save_result_path, progress=not args.no_progress)
+    print(f"saved {saved}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from lightx2v.convert import convert_checkpoint
+
+    out = convert_checkpoint(args.src, args.dst, layout=args.layout)
+    print(f"wrote {out} ({args.layout} layout)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lightx2v", description="Fast video diffusion inference (Wan2.1).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    gen = sub.add_parser("generate", help="generate a video")
+    _add_generate_args(gen)
+    gen.set_defaults(func=_generate)
+    conv = sub.add_parser("convert", help="convert a checkpoint between the Wan and diffusers layouts")
+    conv.add_argument("src", help="source checkpoint folder (either layout)")
+    conv.add_argument("dst", help="destination folder (must not exist or be empty)")
+    conv.add_argument("--layout", required=True, choices=["wan", "diffusers"], help="layout to write")
+    conv.set_defaults(func=_convert)
+    return parser
+
+
+def run(argv: list[str], parser: argparse.ArgumentParser) -> int:
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except UserError as e:  # includes CheckpointError
+        print(f"lightx2v: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lightx2v: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(sys.argv[1:] if argv is None else argv, build_parser())
+
+
+def infer_main(argv: list[str] | None = None) -> int:
+    """``python -m lightx2v.infer``: the ``generate`` flags without the sub-command."""
+    parser = _Parser(prog="python -m lightx2v.infer", description="Generate a video (same flags as generate).")
+    _add_generate_args(parser)
+    parser.set_defaults(func=_generate)
+    return run(sys.argv[1:] if argv is None else argv, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""``lightx2v convert SRC DST --layout wan|diffusers``: rewrite a Wan2.1 checkpoint in the other public layout.
+
+The DiT is converted shard by shard (host memory stays at about one shard); the VAE and the text encoder are
+loaded and written again. Tensors keep their dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from lightx2v.errors import UserError
+from lightx2v.models.wan.checkpoint import (WAN_DIT_WEIGHTS, WAN_VAE_FILE, detect_layout, dit_folder,
+                                            dit_key_from_diffusers, dit_key_to_diffusers, iter_safetensors,
+                                            read_dit_config, safetensors_files)
+from lightx2v.models.wan.runner import check_model_files
+
+LAYOUTS = ("wan", "diffusers")
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, *, layout: str) -> Path:
+    if layout not in LAYOUTS:
+        raise UserError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    src, dst = Path(src), Path(dst)
+    src_layout = detect_layout(src)
+    check_model_files(src, src_layout)
+    if dst.exists() and any(dst.iterdir()):
+        raise UserError(f"destination {str(dst)!r} exists and is not empty")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create destination folder {str(dst)!r}: {e.strerror or e}") from None
+    convert_dit(src, src_layout, dst, layout)
+    convert_vae(src, src_layout, dst, layout)
+    convert_text_encoder(src, src_layout, dst, layout)
+    if layout == "diffusers":
+        write_diffusers_extras(dst)
+    return dst
+
+
+def convert_dit(src: Path, src_layout: str, dst: Path, layout: str) -> None:
+    cfg = read_dit_config(src, src_layout)
+    out = dit_folder(dst, layout)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = safetensors_files(dit_folder(src, src_layout), WAN_DIT_WEIGHTS)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        sd = {}
+        for key, tensor in iter_safetensors([shard]):
+            wan_key = dit_key_from_diffusers(key) if src_layout == "diffusers" else key
+            sd[dit_key_to_diffusers(wan_key) if layout == "diffusers" else wan_key] = tensor.contiguous()
+        name = (f"{WAN_DIT_WEIGHTS}.safetensors" if len(shards) == 1
+                else f"{WAN_DIT_WEIGHTS}-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+        save_file(sd, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in sd})
+    if len(shards) > 1:
+        index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / f"{WAN_DIT_WEIGHTS}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = cfg.to_diffusers_config() if layout == "diffusers" else cfg.to_wan_config()
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def convert_vae(src: Path, src_layout: str, dst: Path, layout: str) -> None:
+    import torch
+
+    from lightx2v.models.wan.vae import load_wan_vae, save_wan_vae
+
+    path = src / WAN_VAE_FILE if src_layout == "wan" else src / "vae"
+    dtype = _stored_dtype(path)
+    vae = load_wan_vae(path, dtype=dtype or torch.float32)
+    save_wan_vae(vae, dst / WAN_VAE_FILE if layout == "wan" else dst / "vae", layout=layout)
+
+
+def _stored_dtype(path: Path):
+    """dtype of the first floating tensor of a VAE checkpoint (file or diffusers folder)."""
+    import torch
+
+    if path.is_dir():
+        tensors = iter_safetensors(safetensors_files(path, WAN_DIT_WEIGHTS))
+    else:
+        tensors = iter(torch.load(path, map_location="cpu", weights_only=True, mmap=True).items())
+    for _, t in tensors:
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def convert_text_encoder(src: Path, src_layout: str, dst: Path, layout: str) -> None:
+    from lightx2v.models.wan.encoders import load_text_encoder, save_text_encoder
+
+    enc = load_text_encoder(src, src_layout, dtype=None)
+    save_text_encoder(enc, dst, layout)
+
+
+def write_diffusers_extras(dst: Path) -> None:
+    """model_index.json and the scheduler config, so that diffusers' WanPipeline.from_pretrained(dst) works."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(dst / "tokenizer"), local_files_only=True)
+    index = {
+        "_class_name": "WanPipeline", "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", type(tok).__name__],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    (dst / "model_index.json").write_text(json.dumps(index, indent=2))
+    (dst / "scheduler").mkdir(exist_ok=True)
+    sched = {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000, "prediction_type": "flow_prediction",
+             "use_flow_sigmas": True, "flow_shift": 5.0, "solver_order": 2, "predict_x0": True,
+             "solver_type": "bh2", "lower_order_final": True}
+    (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))

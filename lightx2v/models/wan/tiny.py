@@ -1,0 +1,98 @@
+"""The built-in tiny model: Wan2.1's architecture at toy sizes with fixed random weights.
+
+It is written once to a cache folder in the original Wan layout, so that a run without a checkpoint goes through
+the real loaders. Its output is noise: it exists to check an installation, and to test the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lightx2v.models.wan.arch import PRESETS
+from lightx2v.models.wan.checkpoint import WAN_T5_FILE, WAN_VAE_FILE, save_dit
+
+TINY_VERSION = 1
+# Sizes a 2-core CPU runs in seconds (keyword overrides and config_json still win).
+TINY_DEFAULTS = {"height": 128, "width": 128, "num_frames": 17, "infer_steps": 20, "sample_shift": 5.0,
+                 "guidance_scale": 5.0}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LIGHTX2V_CACHE_DIR") or Path.home() / ".cache" / "lightx2v")
+
+
+def ensure_tiny_model(root: Path | None = None) -> Path:
+    """Return the tiny model's folder, writing it first if it is not there yet."""
+    folder = (root or cache_root()) / f"tiny-wan2.1-t2v-v{TINY_VERSION}"
+    if (folder / "COMPLETE").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
+    try:
+        write_tiny_model(tmp)
+        (tmp / "COMPLETE").write_text("ok\n")
+        try:
+            tmp.rename(folder)
+        except OSError:  # written meanwhile by another process
+            if not (folder / "COMPLETE").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _randomise(module: torch.nn.Module, g: torch.Generator) -> None:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+            elif name.endswith("weight") and "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def write_tiny_model(folder: Path) -> None:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from lightx2v.models.wan.dit import WanDiT
+    from lightx2v.models.wan.encoders import WanTextEncoder, build_tiny_tokenizer, save_text_encoder
+    from lightx2v.models.wan.vae import WanVAE, WanVAEConfig, save_wan_vae
+    from lightx2v.ops.attention import get_attention_backend
+
+    g = torch.Generator().manual_seed(20260101)
+    folder = Path(folder)
+
+    # DiT, with the cross-attention made loud enough that the prompt visibly changes the output.
+    cfg = PRESETS["tiny"]
+    attn = get_attention_backend("torch_sdpa", dtype=torch.float32, head_dim=cfg.head_dim, device=torch.device("cpu"))
+    dit = WanDiT(cfg, attn)
+    _randomise(dit, g)
+    with torch.no_grad():
+        for block in dit.blocks:
+            block.cross_attn.norm_k.weight.mul_(4.0)
+            block.cross_attn.o.weight.mul_(4.0)
+    save_dit(dit.state_dict(), cfg, folder, "wan")
+
+    # VAE
+    vae = WanVAE(WanVAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1))
+    _randomise(vae, g)
+    save_wan_vae(vae, folder / WAN_VAE_FILE, layout="wan")
+
+    # UMT5 text encoder + a small self-made tokenizer
+    tok_dir = folder / "tokenizer-tmp"
+    tokenizer = build_tiny_tokenizer(tok_dir)
+    t5_cfg = UMT5Config(vocab_size=len(tokenizer), d_model=cfg.text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                        feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
+    t5 = UMT5EncoderModel(t5_cfg).eval()
+    _randomise(t5, g)
+    save_text_encoder(WanTextEncoder(tokenizer, t5), folder, "wan")
+    shutil.rmtree(tok_dir)
+    assert (folder / WAN_T5_FILE).is_file()

@@ -1,0 +1,44 @@
+"""Tiny random-weight reference models built with diffusers / transformers (test-only)."""
+
+import torch
+
+from lightx2v.models.wan.encoders import build_tiny_tokenizer
+
+FLOW_SHIFT = 3.0
+
+
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            elif "norm" in name and name.endswith("weight") or name.endswith("gamma"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def build_diffusers_wan_pipeline(tok_dir, image: bool = False):
+    import diffusers
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_tiny_tokenizer(tok_dir)
+    t5 = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                     num_heads=4, relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
+                                     tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)).eval()
+    randomise(t5, 1)
+    dit = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=64, ffn_dim=96, num_layers=2, cross_attn_norm=True, eps=1e-6).eval()
+    randomise(dit, 2)
+    with torch.no_grad():  # make the prompt matter among 512 mostly padded text tokens
+        for block in dit.blocks:
+            block.attn2.norm_k.weight.mul_(4.0)
+            block.attn2.to_out[0].weight.mul_(4.0)
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True]).eval()
+    randomise(vae, 3)
+    sched = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                              flow_shift=FLOW_SHIFT, num_train_timesteps=1000)
+    return diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=t5, transformer=dit, vae=vae, scheduler=sched)

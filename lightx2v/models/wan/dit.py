@@ -23,7 +23,7 @@ from lightx2v.ops.attention import AttentionBackend
 # --- small pieces ---------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
-    """RMS norm over the last dim; statistics in float32, result cast back to the input dtype."""
+    """RMS norm over the last dim (PyTorch's fused kernel; it accumulates in float32 for bf16 inputs)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -31,9 +31,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 def layer_norm_f32(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
@@ -64,11 +62,12 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rope_tables(head_dim: int, grid: tuple[int, int, int], device, theta: float = 10000.0):
+def rope_tables(head_dim: int, grid: tuple[int, int, int], device, theta: float = 10000.0) -> torch.Tensor:
     """3D RoPE for a (frames, height, width) token grid.
 
     The head dim is split into a time part and two equal spatial parts (``2*(d//6)`` each), each rotated by its own
-    coordinate. Returns ``cos, sin`` of shape [L, head_dim // 2] (float32), one angle per channel pair.
+    coordinate. Returns unit complex rotations [L, head_dim // 2] (complex64), one per channel pair; the angles
+    are computed in float64.
     """
     f, h, w = grid
     hw_dim = 2 * (head_dim // 6)
@@ -81,16 +80,13 @@ def rope_tables(head_dim: int, grid: tuple[int, int, int], device, theta: float 
     a_h = angles[1][None, :, None, :].expand(f, h, w, -1)
     a_w = angles[2][None, None, :, :].expand(f, h, w, -1)
     a = torch.cat([a_t, a_h, a_w], dim=-1).reshape(f * h * w, head_dim // 2)
-    return torch.cos(a).float(), torch.sin(a).float()
+    return torch.polar(torch.ones_like(a), a).to(torch.complex64)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, L, H, D]; consecutive channel pairs (2i, 2i+1) are rotated by angle i. Math in float32."""
-    xf = x.float().unflatten(-1, (-1, 2))  # [B, L, H, D/2, 2]
-    x1, x2 = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
-    return out.flatten(-2).to(x.dtype)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x: [B, L, H, D]; channel pair (2i, 2i+1) is rotated by rot[:, i] (complex multiply in float32)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, L, H, D/2]
+    return torch.view_as_real(xc * rot[None, :, None, :]).flatten(-2).to(x.dtype)
 
 
 # --- attention ------------------------------------------------------------------------------------------------
@@ -107,12 +103,12 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
         self.attn = attn
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         """x: [B, L, C] -> [B, L, C]."""
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         return self.o(self.attn(q, k, v).flatten(2))
 
 
@@ -216,8 +212,8 @@ class WanDiT(nn.Module):
     """Wan2.1 DiT. ``forward(x, t, context, clip_tokens=None) -> velocity`` with x: [B, in_dim, F, H, W]."""
 
     # Parameters kept in float32 whatever the model dtype (small; they carry the reference's float32 math).
-    FLOAT32_PARAMS = ("time_embedding.", "time_projection.", "modulation", "norm_q.", "norm_k.", "norm_k_img.",
-                      "norm3.", "img_emb.proj.0.", "img_emb.proj.4.", "img_emb.emb_pos")
+    FLOAT32_PARAMS = ("time_embedding.", "time_projection.", "modulation", "norm3.", "img_emb.proj.0.",
+                      "img_emb.proj.4.", "img_emb.emb_pos")
 
     def __init__(self, cfg: WanDiTConfig, attn: AttentionBackend):
         super().__init__()
@@ -247,7 +243,7 @@ class WanDiT(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
 
-    def rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, grid: tuple[int, int, int], device) -> torch.Tensor:
         key = (grid, str(device))
         if key not in self._rope_cache:
             self._rope_cache = {key: rope_tables(self.cfg.head_dim, grid, device)}

@@ -259,9 +259,31 @@ def test_save_wan_layout_and_reload(ours, video, latents, tmp_path):
     again = load_wan_vae(tmp_path, config=ours.config)  # the folder holding Wan2.1_VAE.pth works too
     assert torch.equal(again.encode(video), ours.encode(video))
     assert torch.equal(again.decode(latents), ours.decode(latents))
-    # Wan2.1's own architecture is the default config: the tiny checkpoint does not fit it.
-    with pytest.raises(CheckpointError, match="shape mismatches"):
+    # A config that does not fit: every mis-shaped tensor is named.
+    with pytest.raises(CheckpointError, match=r"shape mismatches: conv1\.bias \(checkpoint \(8,\), model \(32,\)\)"):
+        load_wan_vae(path, config=WanVAEConfig())
+    # Without a config the architecture is inferred, but z_dim=4 has no known latent statistics.
+    with pytest.raises(CheckpointError, match="z_dim=4"):
         load_wan_vae(path)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+    dict(base_dim=4, dim_mult=(1, 3, 2), num_res_blocks=2, temperal_downsample=(True, False)),
+    dict(),
+])
+def test_wan_checkpoint_architecture_is_inferred(kw, tmp_path):
+    cfg = WanVAEConfig(**kw)
+    with torch.device("meta"):
+        sd = WanVAE(cfg).state_dict()
+    assert WanVAEConfig.from_state_dict(sd) == cfg
+    if kw:
+        torch.manual_seed(0)
+        vae = WanVAE(cfg)
+        path = save_wan_vae(vae, tmp_path, layout="wan")
+        assert load_wan_vae(path).config == cfg
+    with pytest.raises(CheckpointError, match="infer"):
+        WanVAEConfig.from_state_dict({k: v for k, v in sd.items() if k != "encoder.downsamples.0.residual.6.weight"})
 
 
 def test_save_diffusers_layout_loads_in_diffusers(ours, tmp_path):

@@ -164,6 +164,40 @@ class WanVAEConfig:
             raise UserError("unsupported Wan VAE config (diffusers AutoencoderKLWan): " + ", ".join(bad))
         return cfg
 
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> WanVAEConfig:
+        """Infer the architecture from tensors with the original Wan names (a ``Wan2.1_VAE.pth`` carries no config).
+
+        The latent statistics cannot be inferred: they are Wan2.1's, so z_dim must be 16. Raises CheckpointError
+        if the tensors do not describe a Wan2.1-style VAE.
+        """
+        try:
+            base_dim = sd["encoder.conv1.weight"].shape[0]
+            z_dim = sd["conv2.weight"].shape[0]
+            # encoder.downsamples: per level num_res_blocks residual blocks, then a resampler (none after the last)
+            levels: list[list[int]] = [[]]  # output channels of each level's residual blocks
+            temporal: list[bool] = []
+            n, prefix = 0, "encoder.downsamples.0."
+            while prefix + "residual.0.gamma" in sd or prefix + "resample.1.weight" in sd:
+                if prefix + "resample.1.weight" in sd:
+                    temporal.append(prefix + "time_conv.weight" in sd)
+                    levels.append([])
+                else:
+                    levels[-1].append(sd[prefix + "residual.6.weight"].shape[0])
+                n += 1
+                prefix = f"encoder.downsamples.{n}."
+            blocks = {len(level) for level in levels}
+            if len(blocks) != 1 or not levels[0] or any(len(set(level)) != 1 for level in levels):
+                raise ValueError("the encoder's levels differ in size")
+            dim_mult = tuple(level[0] // base_dim for level in levels)
+        except (KeyError, ValueError, AttributeError, IndexError) as e:
+            raise CheckpointError(f"cannot infer the VAE architecture from the checkpoint's tensors ({e})") from e
+        if z_dim != len(WAN21_LATENTS_MEAN):
+            raise CheckpointError(f"the checkpoint has z_dim={z_dim}: its latent statistics are unknown, pass a "
+                                  "WanVAEConfig with latents_mean and latents_std")
+        return cls(base_dim=base_dim, z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=blocks.pop(),
+                   temperal_downsample=tuple(temporal))
+
     def to_diffusers_config(self) -> dict[str, Any]:
         """A ``vae/config.json`` dict that diffusers' AutoencoderKLWan accepts."""
         return {
@@ -668,8 +702,9 @@ def load_wan_vae(
     dtype: torch.dtype = torch.float32,
     config: WanVAEConfig | None = None,
 ) -> WanVAE:
-    """Load the VAE from ``Wan2.1_VAE.pth`` (original names; ``config`` defaults to Wan2.1's; a folder holding that
-    file, such as the original Wan model folder, works too) or from a diffusers ``vae/`` folder (``config.json`` +
+    """Load the VAE from ``Wan2.1_VAE.pth`` (original names; without ``config`` the architecture is inferred from the
+    tensors and the latent statistics are Wan2.1's; a folder holding that file, such as the original Wan model
+    folder, works too) or from a diffusers ``vae/`` folder (``config.json`` +
     ``diffusion_pytorch_model.safetensors``, possibly sharded; ``config``, if given, must equal the folder's).
     Raises CheckpointError naming missing files, and every missing, unexpected or mis-shaped tensor."""
     path = Path(path)
@@ -683,13 +718,19 @@ def load_wan_vae(
         sd = vae_state_dict_from_diffusers(_read_diffusers_weights(path), cfg)
     else:
         _require(path, "VAE checkpoint")
-        cfg = config if config is not None else WanVAEConfig()
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # not a torch zip file, or holds objects other than tensors
             raise CheckpointError(f"cannot read VAE checkpoint {path}: {e}") from e
         if not isinstance(sd, Mapping):
             raise CheckpointError(f"VAE checkpoint {path} holds a {type(sd).__name__}, not a state dict")
+        if config is not None:
+            cfg = config
+        else:
+            try:
+                cfg = WanVAEConfig.from_state_dict(sd)
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from e
     with torch.device("meta"):
         vae = WanVAE(cfg)
     return _check_and_assign(vae, sd, path, device, dtype)

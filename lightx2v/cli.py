@@ -44,6 +44,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     pipe = LightX2VPipeline(model_path=args.model_path, model_cls=args.model_cls, task=args.task)
+    pipe.check_images(args.image_path, args.last_frame_path)
     pipe.create_generator(config_json=args.config_json, **overrides)
     saved = pipe.generate(seed=args.seed, prompt=args.prompt, negative_prompt=args.negative_prompt,
                           image_path=args.image_path, last_frame_path=args.last_frame_path,

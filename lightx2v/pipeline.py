@@ -55,6 +55,20 @@ class LightX2VPipeline:
                  time.perf_counter() - t0)
         return self
 
+    def check_images(self, image_path, last_frame_path) -> None:
+        """The image inputs a task needs (checked before any model is loaded where the caller can)."""
+        if self.task in ("i2v", "flf2v") and image_path is None:
+            raise UserError(f"task {self.task!r} needs an image: pass image_path")
+        if self.task == "flf2v" and last_frame_path is None:
+            raise UserError("task 'flf2v' needs last_frame_path")
+        if self.task != "flf2v" and last_frame_path is not None:
+            raise UserError(f"task {self.task!r} takes no last_frame_path; use task 'flf2v'")
+        if self.task == "t2v" and image_path is not None:
+            raise UserError("task 't2v' takes no image_path; use task 'i2v'")
+        for p in (image_path, last_frame_path):
+            if p is not None and not Path(p).is_file():
+                raise UserError(f"image {str(p)!r} does not exist")
+
     def generate(self, seed: int = 42, prompt: str = "", negative_prompt: str = "", image_path: str | None = None,
                  last_frame_path: str | None = None, save_result_path: str | Path | None = None,
                  return_result_tensor: bool = False, progress: bool = True):
@@ -68,12 +82,7 @@ class LightX2VPipeline:
             raise UserError(f"seed={seed!r} must be an integer in [0, 2**63)")
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
             raise UserError("prompt and negative_prompt must be strings")
-        if self.task in ("i2v", "flf2v") and image_path is None:
-            raise UserError(f"task {self.task!r} needs an image: pass image_path")
-        if self.task == "flf2v" and last_frame_path is None:
-            raise UserError("task 'flf2v' needs last_frame_path")
-        if self.task == "t2v" and (image_path is not None or last_frame_path is not None):
-            raise UserError("task 't2v' takes no image_path/last_frame_path; use task 'i2v' or 'flf2v'")
+        self.check_images(image_path, last_frame_path)
         if save_result_path is None and not return_result_tensor:
             raise UserError("nothing to do: pass save_result_path and/or return_result_tensor=True")
         if save_result_path is not None:

@@ -61,3 +61,25 @@ def test_parity_check_can_fail(tiny_diffusers_t2v, ref_frames):
     model_dir, _ = tiny_diffusers_t2v
     for kw in (dict(prompt="a blue whale sings under the sea"), dict(seed=8), dict(infer_steps=5)):
         assert (ours(model_dir, **kw) - ref_frames).abs().max().item() > 5e-2, kw
+
+
+def test_t2v_euler_solver_matches_diffusers(tiny_diffusers_t2v, ref_frames):
+    import diffusers
+
+    model_dir, pipe = tiny_diffusers_t2v
+    euler = diffusers.FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT)
+    ref = diffusers.WanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, transformer=pipe.transformer,
+                                vae=pipe.vae, scheduler=euler)
+    want = reference(ref)
+    got = ours(model_dir, sample_solver="euler")
+    assert (got - want).abs().max().item() <= 5e-3
+    assert (want - ref_frames).abs().max().item() > 5e-2  # the solver matters at this step count
+
+
+def test_no_cfg_matches_diffusers_guidance_one(tiny_diffusers_t2v):
+    model_dir, pipe = tiny_diffusers_t2v
+    out = pipe(prompt=PROMPT, height=32, width=48, num_frames=9, num_inference_steps=4, guidance_scale=1.0,
+               generator=torch.Generator().manual_seed(3), output_type="np")
+    want = torch.from_numpy(np.asarray(out.frames[0]))
+    got = ours(model_dir, seed=3, infer_steps=4, enable_cfg=False)
+    assert (got - want).abs().max().item() <= 5e-3

@@ -278,12 +278,18 @@ class WanDiT(nn.Module):
         temb, e = self.embed_time(t.expand(b) if t.numel() == 1 else t)
         ctx = self.text_embedding(context.to(dtype))
         ctx_img = self.img_emb(clip_tokens.to(dtype)) if self.img_emb is not None else None
-        rope = self.rope(grid, x.device)
+        tokens = self.run_blocks(tokens, e, ctx, ctx_img, self.rope(grid, x.device))
+        return self.unpatchify(self.head(tokens, temb), grid)
 
+    def run_blocks(self, tokens, e, ctx, ctx_img, rope) -> torch.Tensor:
+        """The block stack: [B, L, C] -> [B, L, C]. Feature-caching hooks replace this method on an instance."""
         for block in self.blocks:
             tokens = block(tokens, e, ctx, ctx_img, rope)
+        return tokens
 
-        out = self.head(tokens, temb)  # [B, L, out_dim * pt * ph * pw]
-        # unpatchify: [B, f, h, w, pt, ph, pw, C] -> [B, C, f*pt, h*ph, w*pw]
+    def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, L, out_dim * pt * ph * pw] -> [B, out_dim, F, H, W] float32."""
+        b = out.shape[0]
+        pt, ph, pw = self.cfg.patch_size
         out = out.reshape(b, *grid, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, -1, grid[0] * pt, grid[1] * ph, grid[2] * pw).float()

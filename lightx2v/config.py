@@ -16,10 +16,16 @@ from typing import Any
 
 from lightx2v.errors import UserError
 
-MODEL_CLASSES = ("wan2.1",)
+MODEL_CLASSES = ("wan2.1", "wan2.1_distill")
+# Defaults a model class brings (at the "defaults" tier: config JSON and arguments still win).
+MODEL_CLASS_DEFAULTS = {
+    "wan2.1": {},
+    "wan2.1_distill": {"denoising_step_list": [1000, 750, 500, 250], "enable_cfg": False, "sample_shift": 5.0},
+}
 TASKS = ("t2v", "i2v", "flf2v")
 DTYPES = ("bf16", "fp16", "fp32")
 SOLVERS = ("unipc", "euler")
+RESIZE_MODES = ("crop", "adaptive", "stretch")
 
 # LightX2V / alternative names -> our canonical key
 ALIASES = {
@@ -36,7 +42,7 @@ NOT_YET = {
     "cpu_offload": False, "offload_granularity": None, "lazy_load": False, "t5_cpu_offload": False,
     "clip_cpu_offload": False, "vae_cpu_offload": False, "unload_modules": False, "use_tiling_vae": False,
     "dit_quant_scheme": None, "mm_config": None, "lora_configs": None, "feature_caching": "NoCaching",
-    "use_compile": False, "parallel": None, "changing_resolution": False, "denoising_step_list": None,
+    "use_compile": False, "parallel": None,
     "t5_quantized": False, "clip_quantized": False, "use_prompt_enhancer": False,
 }
 # LightX2V keys whose value is fixed for Wan2.1: accepted only with that value.
@@ -55,6 +61,11 @@ class SamplingConfig:
     solver: str = "unipc"
     enable_cfg: bool = True
     fps: int = 16
+    resize_mode: str = "crop"  # I2V/FLF2V input image: crop | adaptive | stretch
+    denoising_step_list: tuple[int, ...] | None = None  # step-distilled models: the timesteps to evaluate
+    changing_resolution: bool = False
+    resolution_rate: tuple[float, ...] | None = None  # latent scale per early stage (default [0.75])
+    changing_resolution_steps: tuple[int, ...] | None = None  # 1-based steps after which to switch
 
     def __post_init__(self):
         _check_int(self, "infer_steps", lo=1)
@@ -75,6 +86,41 @@ class SamplingConfig:
         if not isinstance(self.enable_cfg, bool):
             raise UserError(f"enable_cfg={self.enable_cfg!r} must be true or false")
         _check_int(self, "fps", lo=1)
+        if self.resize_mode not in RESIZE_MODES:
+            raise UserError(f"resize_mode={self.resize_mode!r} is not supported; allowed: {', '.join(RESIZE_MODES)}")
+        if self.denoising_step_list is not None:
+            from lightx2v.schedulers.distill import check_step_list
+
+            object.__setattr__(self, "denoising_step_list", check_step_list(self.denoising_step_list))
+            if self.infer_steps != len(self.denoising_step_list):
+                raise UserError(f"infer_steps={self.infer_steps} does not match denoising_step_list "
+                                f"{list(self.denoising_step_list)}; leave infer_steps out or make them agree")
+        self._check_changing_resolution()
+
+    def _check_changing_resolution(self) -> None:
+        if not isinstance(self.changing_resolution, bool):
+            raise UserError(f"changing_resolution={self.changing_resolution!r} must be true or false")
+        if not self.changing_resolution:
+            if self.resolution_rate is not None or self.changing_resolution_steps is not None:
+                raise UserError("resolution_rate / changing_resolution_steps need changing_resolution: true")
+            return
+        rates = self.resolution_rate if self.resolution_rate is not None else (0.75,)
+        steps = self.changing_resolution_steps
+        steps = steps if steps is not None else (self.infer_steps // 2,)
+        if not isinstance(rates, (list, tuple)) or not rates or any(
+                isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1 for r in rates):
+            raise UserError(f"resolution_rate={rates!r} must be a list of numbers in (0, 1]")
+        if not isinstance(steps, (list, tuple)) or len(steps) != len(rates):
+            raise UserError(f"changing_resolution_steps={steps!r} must list one step per resolution_rate entry "
+                            f"({len(rates)})")
+        if any(isinstance(k, bool) or not isinstance(k, int) for k in steps) or list(steps) != sorted(set(steps)) \
+                or steps[0] < 1 or steps[-1] >= self.infer_steps:
+            raise UserError(f"changing_resolution_steps={list(steps)} must be increasing integers in "
+                            f"1..{self.infer_steps - 1} (1-based: switch after that step)")
+        if self.denoising_step_list is not None:
+            raise UserError("changing_resolution cannot be combined with denoising_step_list")
+        object.__setattr__(self, "resolution_rate", tuple(float(r) for r in rates))
+        object.__setattr__(self, "changing_resolution_steps", tuple(steps))
 
     @property
     def do_cfg(self) -> bool:
@@ -113,13 +159,27 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    dit_original_ckpt: str | None = None  # one .safetensors file with the DiT weights (Wan names), e.g. a distilled DiT
+
+    def __post_init__(self):
+        if self.dit_original_ckpt is not None:
+            from pathlib import Path as _P
+
+            if not _P(self.dit_original_ckpt).is_file():
+                raise UserError(f"dit_original_ckpt {self.dit_original_ckpt!r} does not exist")
+
+
+@dataclass(frozen=True)
 class GeneratorConfig:
     sampling: SamplingConfig
     attention: AttentionConfig
     runtime: RuntimeConfig
+    checkpoint: CheckpointConfig
 
 
-_SECTIONS = {"sampling": SamplingConfig, "attention": AttentionConfig, "runtime": RuntimeConfig}
+_SECTIONS = {"sampling": SamplingConfig, "attention": AttentionConfig, "runtime": RuntimeConfig,
+             "checkpoint": CheckpointConfig}
 _KEY_TO_SECTION = {f.name: sec for sec, cls in _SECTIONS.items() for f in fields(cls)}
 ALL_KEYS = sorted(set(_KEY_TO_SECTION) | set(ALIASES) | set(NOT_YET) | set(FIXED) | set(IGNORED) | {"attn_mode"})
 
@@ -183,8 +243,19 @@ def normalise_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
 def build_config(defaults: dict[str, Any], json_values: dict[str, Any], overrides: dict[str, Any]) -> GeneratorConfig:
     """defaults < config JSON < keyword overrides (None means "not given")."""
     merged: dict[str, Any] = {}
+    given: dict[str, Any] = {}  # what the user set (config JSON or arguments), as opposed to defaults
     for layer, source in ((defaults, "defaults"), (json_values, "config_json"), (overrides, "arguments")):
-        merged.update(normalise_keys({k: v for k, v in layer.items() if v is not None}, source))
+        values = normalise_keys({k: v for k, v in layer.items() if v is not None}, source)
+        merged.update(values)
+        if source != "defaults":
+            given.update(values)
+    if merged.get("denoising_step_list") is not None:
+        # A step-distilled schedule fixes the step count and the sampler.
+        if "infer_steps" not in given:
+            merged["infer_steps"] = len(merged["denoising_step_list"])
+        if "solver" in given:
+            raise UserError(f"sample_solver={given['solver']!r} cannot be combined with denoising_step_list "
+                            "(step-distilled models use their own sampler)")
     per_section: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
     for key, value in merged.items():
         per_section[_KEY_TO_SECTION[key]][key] = value

@@ -4,7 +4,7 @@
     pipe.create_generator(infer_steps=50, height=480, width=832, num_frames=81, guidance_scale=5.0)
     pipe.generate(seed=42, prompt="a cat", negative_prompt="", save_result_path="out.mp4")
 
-With ``model_path=None`` the built-in tiny model is used (random weights: its output is noise; it exists to
+With ``model_path=None`` the built-in tiny model of the task is used (random weights: its output is noise; it exists to
 check an installation).
 """
 
@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from lightx2v.config import MODEL_CLASSES, TASKS, GeneratorConfig, build_config, load_config_json
+from lightx2v.config import (MODEL_CLASS_DEFAULTS, MODEL_CLASSES, TASKS, GeneratorConfig, build_config,
+                              load_config_json)
 from lightx2v.errors import UserError
 
 log = logging.getLogger("lightx2v")
@@ -41,22 +42,23 @@ class LightX2VPipeline:
         from lightx2v.models.wan.runner import WanRunner
         from lightx2v.models.wan.tiny import TINY_DEFAULTS, ensure_tiny_model
 
-        defaults: dict[str, Any] = {}
+        defaults: dict[str, Any] = dict(MODEL_CLASS_DEFAULTS[self.model_cls])
         model_path = self.model_path
         if model_path is None:
-            defaults = dict(TINY_DEFAULTS)
+            defaults.update(TINY_DEFAULTS[self.task])
         json_values = load_config_json(config_json) if config_json is not None else {}
         self.config = build_config(defaults, json_values, overrides)
         if model_path is None:
-            model_path = ensure_tiny_model()
+            model_path = ensure_tiny_model(self.task)
         t0 = time.perf_counter()
         self.runner = WanRunner(model_path, self.task, self.config)
         log.info("loaded %s (%s layout) on %s in %.1f s", model_path, self.runner.layout, self.runner.device,
                  time.perf_counter() - t0)
         return self
 
-    def check_images(self, image_path, last_frame_path) -> None:
-        """The image inputs a task needs (checked before any model is loaded where the caller can)."""
+    def check_images(self, image_path, last_frame_path) -> list:
+        """Check and read the image inputs the task needs (paths, PIL images or tensors) -> RGB PIL images.
+        Callers can do this before any model is loaded, so that a bad image fails at once."""
         if self.task in ("i2v", "flf2v") and image_path is None:
             raise UserError(f"task {self.task!r} needs an image: pass image_path")
         if self.task == "flf2v" and last_frame_path is None:
@@ -65,9 +67,12 @@ class LightX2VPipeline:
             raise UserError(f"task {self.task!r} takes no last_frame_path; use task 'flf2v'")
         if self.task == "t2v" and image_path is not None:
             raise UserError("task 't2v' takes no image_path; use task 'i2v'")
-        for p in (image_path, last_frame_path):
-            if p is not None and not Path(p).is_file():
-                raise UserError(f"image {str(p)!r} does not exist")
+        from lightx2v.io.image import load_image
+
+        images = [load_image(image_path, "image_path")] if image_path is not None else []
+        if last_frame_path is not None:
+            images.append(load_image(last_frame_path, "last_frame_path"))
+        return images
 
     def generate(self, seed: int = 42, prompt: str = "", negative_prompt: str = "", image_path: str | None = None,
                  last_frame_path: str | None = None, save_result_path: str | Path | None = None,
@@ -82,13 +87,13 @@ class LightX2VPipeline:
             raise UserError(f"seed={seed!r} must be an integer in [0, 2**63)")
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
             raise UserError("prompt and negative_prompt must be strings")
-        self.check_images(image_path, last_frame_path)
+        images = self.check_images(image_path, last_frame_path)
         if save_result_path is None and not return_result_tensor:
             raise UserError("nothing to do: pass save_result_path and/or return_result_tensor=True")
         if save_result_path is not None:
             _check_output_folder(Path(save_result_path))
 
-        frames, timings = self.runner.run(prompt, negative_prompt, seed, progress=progress)
+        frames, timings = self.runner.run(prompt, negative_prompt, seed, images=images, progress=progress)
         saved = None
         if save_result_path is not None:
             t0 = time.perf_counter()

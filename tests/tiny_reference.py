@@ -19,7 +19,30 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def build_diffusers_wan_pipeline(tok_dir, image: bool = False):
+def tiny_clip(seed: int = 4):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(hidden_size=160, intermediate_size=320, num_hidden_layers=3, num_attention_heads=2,
+                           image_size=224, patch_size=14, projection_dim=32)
+    model = CLIPVisionModel(cfg).eval()
+    randomise(model, seed)
+    processor = CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}, do_center_crop=True,
+                                   image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                   image_std=[0.26862954, 0.26130258, 0.27577711], resample=3)
+    return model, processor
+
+
+def build_diffusers_wan_i2v_pipeline(tok_dir, flf: bool = False):
+    import diffusers
+
+    t2v = build_diffusers_wan_pipeline(tok_dir, in_channels=36, image_dim=160, flf=flf)
+    clip, processor = tiny_clip()
+    return diffusers.WanImageToVideoPipeline(
+        tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, transformer=t2v.transformer, vae=t2v.vae,
+        scheduler=t2v.scheduler, image_encoder=clip, image_processor=processor)
+
+
+def build_diffusers_wan_pipeline(tok_dir, in_channels: int = 16, image_dim=None, flf: bool = False):
     import diffusers
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -29,13 +52,16 @@ def build_diffusers_wan_pipeline(tok_dir, image: bool = False):
                                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)).eval()
     randomise(t5, 1)
     dit = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=64, ffn_dim=96, num_layers=2, cross_attn_norm=True, eps=1e-6).eval()
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=in_channels, out_channels=16,
+        text_dim=32, freq_dim=64, ffn_dim=96, num_layers=2, cross_attn_norm=True, eps=1e-6, image_dim=image_dim,
+        added_kv_proj_dim=48 if image_dim else None, pos_embed_seq_len=2 * 257 if flf else None).eval()
     randomise(dit, 2)
     with torch.no_grad():  # make the prompt matter among 512 mostly padded text tokens
         for block in dit.blocks:
             block.attn2.norm_k.weight.mul_(4.0)
             block.attn2.to_out[0].weight.mul_(4.0)
+            if image_dim:  # and the image tokens too
+                block.attn2.norm_added_k.weight.mul_(4.0)
     vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                                      temperal_downsample=[False, True, True]).eval()
     randomise(vae, 3)

@@ -87,8 +87,14 @@ class FlowEulerScheduler:
 
     @property
     def step_index(self) -> int:
-        """How many steps have been taken since the last ``reset``."""
+        """Index of the next step to take."""
         return self._step
+
+    def restart_at(self, step_index: int) -> None:
+        """Continue at ``step_index`` of the current schedule (Euler keeps no history)."""
+        if not 0 <= step_index < self.num_inference_steps:
+            raise RuntimeError(f"restart_at({step_index}) outside 0..{self.num_inference_steps - 1}")
+        self._step = step_index
 
     def step(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """Move ``sample`` from the current sigma to the next one; returns a tensor of ``sample``'s dtype."""

@@ -79,14 +79,23 @@ class FlowUniPCScheduler:
     def reset(self) -> None:
         """Forget the solver history and start again from the first timestep (``set_timesteps`` calls this)."""
         self._step = 0
+        self._history_start = 0  # step at which the solver history began (see restart_at)
         self._x0s: list[torch.Tensor] = []  # x0 predictions of the latest steps, oldest first
         self._last_sample: torch.Tensor | None = None  # sample the previous step started from
         self._last_order = 0
 
     @property
     def step_index(self) -> int:
-        """How many steps have been taken since the last ``reset``."""
+        """Index of the next step to take."""
         return self._step
+
+    def restart_at(self, step_index: int) -> None:
+        """Forget the solver history and continue at ``step_index`` of the current schedule, as a fresh start
+        (first order, no corrector on the first step). Used when the latents change resolution mid-run."""
+        if not 0 <= step_index < self.num_inference_steps:
+            raise RuntimeError(f"restart_at({step_index}) outside 0..{self.num_inference_steps - 1}")
+        self.reset()
+        self._step = self._history_start = step_index
 
     def step(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """Take one step from ``sample`` given the model's velocity prediction at it.
@@ -96,11 +105,12 @@ class FlowUniPCScheduler:
         i = _next_step_index(self)
         x = sample.float()
         x0 = x - self._sig[i] * model_output.float()
-        if self.use_corrector and i > 0:
+        k = i - self._history_start  # steps of history available
+        if self.use_corrector and k > 0:
             # UniC: redo the previous step from the sample it started at, now also knowing x0 at its end.
             x = self._update(self._last_sample, i - 1, self._last_order, x0_at_target=x0)
         self._x0s = (self._x0s + [x0])[-self.solver_order :]
-        order = min(self.solver_order, i + 1, self.num_inference_steps - i)  # warm up; lower order final
+        order = min(self.solver_order, k + 1, self.num_inference_steps - i)  # warm up; lower order final
         self._last_sample, self._last_order = x, order
         prev = self._update(x, i, order)  # UniP
         self._step += 1

@@ -233,16 +233,30 @@ def dit_tensors(model_dir: Path, layout: str) -> Iterator[tuple[str, torch.Tenso
         yield (dit_key_from_diffusers(key) if layout == "diffusers" else _strip_wan_prefix(key)), t
 
 
-def load_dit(model_dir: Path, layout: str, *, attn, device="cpu", dtype=torch.float32):
-    """Build a WanDiT on the meta device and stream its weights in (strict)."""
+def single_file_dit_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(wan key, tensor) pairs from one safetensors file in either naming (e.g. a distilled DiT)."""
+    files = [require_file(Path(path), "DiT weights file")]
+    with safe_open(str(files[0]), framework="pt", device="cpu") as sf:
+        diffusers_names = any(k.startswith("condition_embedder.") or ".attn1." in k for k in sf.keys())
+    for key, t in iter_safetensors(files):
+        yield (dit_key_from_diffusers(key) if diffusers_names else _strip_wan_prefix(key)), t
+
+
+def load_dit(model_dir: Path, layout: str, *, attn, device="cpu", dtype=torch.float32,
+             weights_file: Path | None = None):
+    """Build a WanDiT on the meta device and stream its weights in (strict). ``weights_file``: one safetensors
+    file to take the weights from instead of the folder's (LightX2V's ``dit_original_ckpt``)."""
     from lightx2v.models.wan.dit import WanDiT
 
     cfg = read_dit_config(model_dir, layout)
     with torch.device("meta"):
         model = WanDiT(cfg, attn)
     dtype_for = lambda name: torch.float32 if WanDiT.is_float32_param(name) else dtype  # noqa: E731
-    assign_strict(model, dit_tensors(model_dir, layout), what=f"DiT checkpoint in {dit_folder(model_dir, layout)}",
-                  dtype_for=dtype_for, device=device)
+    if weights_file is not None:
+        tensors, what = single_file_dit_tensors(weights_file), f"DiT weights file {weights_file}"
+    else:
+        tensors, what = dit_tensors(model_dir, layout), f"DiT checkpoint in {dit_folder(model_dir, layout)}"
+    assign_strict(model, tensors, what=what, dtype_for=dtype_for, device=device)
     return model.eval().requires_grad_(False)
 
 

@@ -1,28 +1,33 @@
-"""Wan2.1 text-to-video: three stages (encode -> denoise -> decode) exchanging the messages of ``stages.py``.
+"""Wan2.1 T2V / I2V / FLF2V: three stages (encode -> denoise -> decode) exchanging the messages of ``stages.py``.
 
-Each stage loads only its own component, so that a later version can run each as its own service.
+The runner loads each component once; every stage gets only the components it uses, so that a later version can
+run each stage as its own service.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lightx2v.config import GeneratorConfig, SamplingConfig
 from lightx2v.errors import CheckpointError, UserError
 from lightx2v.models.wan.checkpoint import (WAN_T5_FILE, WAN_TOKENIZER_DIR, WAN_VAE_FILE, detect_layout, dit_folder,
-                                            load_dit, safetensors_files)
+                                            load_dit, read_dit_config, safetensors_files)
 from lightx2v.ops.attention import get_attention_backend
 from lightx2v.schedulers import make_scheduler
-from lightx2v.stages import Frames, Latents, TextEmbeds
+from lightx2v.stages import Frames, ImageCond, Latents, TextEmbeds
 
 log = logging.getLogger("lightx2v")
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WAN_CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+VAE_SPATIAL, VAE_TEMPORAL = 8, 4
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -36,119 +41,212 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
     return dev, _DTYPES[dtype]
 
 
-def check_model_files(root: Path, layout: str) -> None:
+def check_model_files(root: Path, layout: str, image_input: bool = False) -> None:
     """Fail early, naming the first missing file or folder of the checkpoint."""
     if layout == "wan":
-        for name in ("config.json", WAN_VAE_FILE, WAN_T5_FILE, WAN_TOKENIZER_DIR):
-            if not (root / name).exists():
-                raise CheckpointError(f"missing {name} in the Wan checkpoint folder {root}")
+        names = ["config.json", WAN_VAE_FILE, WAN_T5_FILE, WAN_TOKENIZER_DIR] + ([WAN_CLIP_FILE] if image_input else [])
     else:
-        for name in ("transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"):
-            if not (root / name).exists():
-                raise CheckpointError(f"missing {name} in the diffusers checkpoint folder {root}")
+        names = ["transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"]
+        names += ["image_encoder/config.json", "image_processor"] if image_input else []
+    for name in names:
+        if not (root / name).exists():
+            raise CheckpointError(f"missing {name} in the {layout} checkpoint folder {root}")
     safetensors_files(dit_folder(root, layout), "diffusion_pytorch_model")
 
 
-class TextEncodeStage:
-    """prompt(s) -> TextEmbeds."""
+class EncodeStage:
+    """prompt(s) (+ image(s)) -> TextEmbeds (+ ImageCond)."""
 
-    def __init__(self, root: Path, layout: str, device: torch.device, dtype: torch.dtype):
-        from lightx2v.models.wan.encoders import load_text_encoder
-
+    def __init__(self, text_encoder, device: torch.device, image_encoder=None, vae=None):
+        self.text_encoder, self.image_encoder, self.vae = text_encoder, image_encoder, vae
         self.device = device
-        self.encoder = load_text_encoder(root, layout, device=device, dtype=dtype)
 
     @torch.inference_mode()
-    def __call__(self, prompt: str, negative_prompt: str, do_cfg: bool) -> TextEmbeds:
+    def text(self, prompt: str, negative_prompt: str, do_cfg: bool) -> TextEmbeds:
         prompts = [prompt, negative_prompt] if do_cfg else [prompt]
-        embeds = self.encoder.encode(prompts, max_length=512, device=self.device)
+        embeds = self.text_encoder.encode(prompts, max_length=512, device=self.device)
         return TextEmbeds(context=embeds[:1], context_null=embeds[1:2] if do_cfg else None)
+
+    @torch.inference_mode()
+    def image(self, images: list, s: SamplingConfig, sizes: list[tuple[int, int]] | None = None
+              ) -> tuple[list[ImageCond], SamplingConfig]:
+        """images: [first] or [first, last] RGB PIL images. Returns one conditioning per pixel size in ``sizes``
+        (default: the output size) and the sampling settings with the size actually used
+        (``resize_mode="adaptive"`` picks it from the first image's aspect ratio)."""
+        from lightx2v.io.image import adaptive_size, center_crop_to_aspect
+
+        if s.resize_mode == "adaptive":
+            h, w = adaptive_size(images[0], s.height * s.width, multiple=VAE_SPATIAL * 2)
+            s = replace(s, height=h, width=w)
+        elif s.resize_mode == "crop":
+            images = [center_crop_to_aspect(img, s.width, s.height) for img in images]
+        clip = self.image_encoder.encode(images, device=self.device)  # [N, 257, C]
+        clip_tokens = clip.reshape(1, -1, clip.shape[-1])
+        sizes = sizes(s) if callable(sizes) else (sizes or [(s.height, s.width)])
+        return [ImageCond(clip_tokens, self._latent_condition(images, h, w, s.num_frames)) for h, w in sizes], s
+
+    def _latent_condition(self, images: list, height: int, width: int, f: int) -> torch.Tensor:
+        """Frame mask + VAE latents of the conditioning frame(s) -> [1, 4 + z, T, h, w]."""
+        from lightx2v.io.image import to_model_tensor
+
+        # The VAE sees the conditioning frame(s) followed by zeros (FLF2V: the last frame at the end).
+        pixels = [to_model_tensor(img, height, width) for img in images]  # [1, 3, H, W] each
+        video = torch.zeros(1, 3, f, height, width)
+        video[:, :, 0] = pixels[0][0]
+        if len(pixels) == 2:
+            video[:, :, f - 1] = pixels[1][0]
+        z = self.vae.encode(video.to(self.device, self.vae.dtype)).float()  # [1, z, T, h, w], normalised
+
+        # Frame mask: 1 on the given frames. The first frame's flag is repeated VAE_TEMPORAL times so that every
+        # latent frame carries VAE_TEMPORAL flags -> [1, 4, T, h, w].
+        t_lat, h_lat, w_lat = z.shape[2:]
+        mask = torch.zeros(1, 1, f, h_lat, w_lat, device=self.device)
+        mask[:, :, 0] = 1
+        if len(pixels) == 2:
+            mask[:, :, f - 1] = 1
+        mask = torch.cat([mask[:, :, :1].repeat_interleave(VAE_TEMPORAL, dim=2), mask[:, :, 1:]], dim=2)
+        mask = mask.view(1, t_lat, VAE_TEMPORAL, h_lat, w_lat).transpose(1, 2)
+        return torch.cat([mask, z], dim=1)
 
 
 class DenoiseStage:
-    """TextEmbeds (+ seed, sampling settings) -> Latents."""
+    """TextEmbeds (+ ImageCond per resolution stage, seed, sampling settings) -> Latents."""
 
-    def __init__(self, root: Path, layout: str, device: torch.device, dtype: torch.dtype, cfg: GeneratorConfig,
-                 vae_spatial: int = 8, vae_temporal: int = 4):
-        from lightx2v.models.wan.checkpoint import read_dit_config
+    def __init__(self, dit, device: torch.device):
+        self.dit, self.device = dit, device
 
-        dit_cfg = read_dit_config(root, layout)
-        attn = get_attention_backend(cfg.attention.self_attn_1_type, dtype=dtype, head_dim=dit_cfg.head_dim,
-                                     device=device)
-        self.dit = load_dit(root, layout, attn=attn, device=device, dtype=dtype)
-        self.device = device
-        self.vae_spatial, self.vae_temporal = vae_spatial, vae_temporal
+    def stage_shapes(self, s: SamplingConfig) -> list[tuple[int, ...]]:
+        """Latent shape per resolution stage: the reduced ones of ``changing_resolution``, then the full one."""
+        full = (1, self.dit.cfg.out_dim, (s.num_frames - 1) // VAE_TEMPORAL + 1, s.height // VAE_SPATIAL,
+                s.width // VAE_SPATIAL)
+        rates = s.resolution_rate if s.changing_resolution else ()
+        return [full[:3] + (int(full[3] * r) // 2 * 2, int(full[4] * r) // 2 * 2) for r in rates] + [full]
 
-    def latent_shape(self, s: SamplingConfig) -> tuple[int, ...]:
-        z = self.dit.cfg.out_dim
-        return (1, z, (s.num_frames - 1) // self.vae_temporal + 1, s.height // self.vae_spatial,
-                s.width // self.vae_spatial)
+    def stage_pixel_sizes(self, s: SamplingConfig) -> list[tuple[int, int]]:
+        return [(shape[3] * VAE_SPATIAL, shape[4] * VAE_SPATIAL) for shape in self.stage_shapes(s)]
+
+    def _scheduler(self, s: SamplingConfig, shift: float, generator: torch.Generator):
+        if s.denoising_step_list is not None:
+            from lightx2v.schedulers.distill import StepDistillScheduler
+
+            sched = StepDistillScheduler(s.denoising_step_list, shift=shift, generator=generator)
+        else:
+            sched = make_scheduler(s.solver, shift=shift)
+        sched.set_timesteps(s.infer_steps, device=self.device)
+        return sched
+
+    def velocity(self, x, t, text: TextEmbeds, image: ImageCond | None, s: SamplingConfig) -> torch.Tensor:
+        """The guided velocity at latents ``x`` and timestep ``t`` (one forward, or two with CFG)."""
+        clip = image.clip_tokens if image is not None else None
+        if image is not None:
+            x = torch.cat([x, image.latent_cond], dim=1)
+        v = self.dit(x, t, text.context, clip)
+        if text.context_null is not None:
+            v_null = self.dit(x, t, text.context_null, clip)
+            v = v_null + s.guidance_scale * (v - v_null)
+        return v
 
     @torch.inference_mode()
-    def __call__(self, text: TextEmbeds, seed: int, s: SamplingConfig, progress: bool = True) -> Latents:
-        # The initial noise is drawn exactly as diffusers' WanPipeline draws it: float32, on a CPU generator.
+    def __call__(self, text: TextEmbeds, images: list[ImageCond] | None, seed: int, s: SamplingConfig,
+                 progress: bool = True) -> Latents:
+        # The initial noise is drawn exactly as diffusers' Wan pipelines draw it: float32, on a CPU generator.
+        # With changing_resolution, one noise per stage is drawn in stage order (the full-size one last); the
+        # step-distill sampler draws its re-noising noise from the same generator, so a seed fixes everything.
         g = torch.Generator("cpu").manual_seed(seed)
-        latents = torch.randn(self.latent_shape(s), generator=g, dtype=torch.float32).to(self.device)
-        scheduler = make_scheduler(s.solver, shift=s.sample_shift)
-        scheduler.set_timesteps(s.infer_steps, device=self.device)
-        do_cfg = text.context_null is not None
-        for t in tqdm(scheduler.timesteps, desc="denoise", disable=not progress, leave=False):
-            t = t.reshape(1)
-            v = self.dit(latents, t, text.context)
-            if do_cfg:
-                v_null = self.dit(latents, t, text.context_null)
-                v = v_null + s.guidance_scale * (v - v_null)
-            latents = scheduler.step(v, latents)
+        noises = [torch.randn(shape, generator=g, dtype=torch.float32) for shape in self.stage_shapes(s)]
+        stage, latents = 0, noises[0].to(self.device)
+        scheduler = self._scheduler(s, s.sample_shift, g)
+        switch_after = set(s.changing_resolution_steps or ()) if s.changing_resolution else set()
+        for i in tqdm(range(s.infer_steps), desc="denoise", disable=not progress, leave=False):
+            t = scheduler.timesteps[i].reshape(1)
+            v = self.velocity(latents, t, text, images[stage] if images else None, s)
+            if i + 1 not in switch_after:
+                latents = scheduler.step(v, latents)
+                continue
+            # Change resolution: predict the clean latents, resize them to the next stage and re-noise them to
+            # the current noise level with that stage's noise; continue on a schedule with a larger shift.
+            sigma = scheduler.sigmas[i].item()
+            stage += 1
+            x0 = F.interpolate(latents - sigma * v, size=noises[stage].shape[2:], mode="trilinear")
+            latents = (1 - sigma) * x0 + sigma * noises[stage].to(self.device)
+            scheduler = self._scheduler(s, s.sample_shift + stage, g)
+            scheduler.restart_at(i + 1)
         return Latents(latents=latents)
 
 
 class DecodeStage:
     """Latents -> Frames."""
 
-    def __init__(self, root: Path, layout: str, device: torch.device, dtype: torch.dtype):
-        from lightx2v.models.wan.vae import load_wan_vae
-
-        path = root / WAN_VAE_FILE if layout == "wan" else root / "vae"
-        self.vae = load_wan_vae(path, device=device, dtype=dtype)
-        self.device = device
+    def __init__(self, vae, device: torch.device):
+        self.vae, self.device = vae, device
 
     @torch.inference_mode()
     def __call__(self, latents: Latents, fps: int) -> Frames:
-        dtype = next(self.vae.parameters()).dtype
-        video = self.vae.decode(latents.latents.to(self.device, dtype))  # [1, 3, F, H, W] in [-1, 1]
+        video = self.vae.decode(latents.latents.to(self.device, self.vae.dtype))  # [1, 3, F, H, W] in [-1, 1]
         frames = (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu()  # [F, H, W, 3]
         return Frames(frames=frames, fps=fps)
 
 
 class WanRunner:
     def __init__(self, model_path: Path, task: str, cfg: GeneratorConfig):
-        if task != "t2v":
-            raise UserError(f"task {task!r} is not supported by this version of lightx2v yet; supported: t2v")
-        self.root = Path(model_path)
-        self.layout = detect_layout(self.root)
-        check_model_files(self.root, self.layout)
-        self.cfg = cfg
-        self.device, self.dtype = resolve_device_dtype(cfg.runtime.device, cfg.runtime.dtype)
-        self.text = TextEncodeStage(self.root, self.layout, self.device, self.dtype)
-        self.denoise = DenoiseStage(self.root, self.layout, self.device, self.dtype, cfg)
-        self.decode = DecodeStage(self.root, self.layout, self.device, self.dtype)
-        if self.text.encoder.model.config.d_model != self.denoise.dit.cfg.text_dim:
-            raise CheckpointError(f"text encoder width {self.text.encoder.model.config.d_model} does not match the "
-                                  f"DiT's text_dim {self.denoise.dit.cfg.text_dim}")
+        from lightx2v.models.wan.encoders import load_text_encoder
+        from lightx2v.models.wan.vae import load_wan_vae
 
-    def run(self, prompt: str, negative_prompt: str, seed: int, progress: bool = True) -> tuple[Frames, dict]:
+        self.root, self.task, self.cfg = Path(model_path), task, cfg
+        self.layout = detect_layout(self.root)
+        dit_cfg = read_dit_config(self.root, self.layout)
+        _check_task(task, dit_cfg.model_type, self.root)
+        image_input = task in ("i2v", "flf2v")
+        check_model_files(self.root, self.layout, image_input)
+        self.device, self.dtype = resolve_device_dtype(cfg.runtime.device, cfg.runtime.dtype)
+        dev, dt = self.device, self.dtype
+
+        text_encoder = load_text_encoder(self.root, self.layout, device=dev, dtype=dt)
+        if text_encoder.model.config.d_model != dit_cfg.text_dim:
+            raise CheckpointError(f"text encoder width {text_encoder.model.config.d_model} does not match the "
+                                  f"DiT's text_dim {dit_cfg.text_dim}")
+        vae = load_wan_vae(self.root / WAN_VAE_FILE if self.layout == "wan" else self.root / "vae", device=dev,
+                           dtype=dt)
+        image_encoder = None
+        if image_input:
+            from lightx2v.models.wan.clip import load_image_encoder
+
+            image_encoder = load_image_encoder(self.root, self.layout, device=dev, dtype=dt)
+        attn = get_attention_backend(cfg.attention.self_attn_1_type, dtype=dt, head_dim=dit_cfg.head_dim, device=dev)
+        weights = cfg.checkpoint.dit_original_ckpt
+        dit = load_dit(self.root, self.layout, attn=attn, device=dev, dtype=dt,
+                       weights_file=Path(weights) if weights else None)
+
+        self.encode = EncodeStage(text_encoder, dev, image_encoder, vae if image_input else None)
+        self.denoise = DenoiseStage(dit, dev)
+        self.decode = DecodeStage(vae, dev)
+
+    def run(self, prompt: str, negative_prompt: str, seed: int, images: list | None = None,
+            progress: bool = True) -> tuple[Frames, dict]:
         s = self.cfg.sampling
         timings = {}
         t0 = time.perf_counter()
-        text = self.text(prompt, negative_prompt, s.do_cfg)
+        text = self.encode.text(prompt, negative_prompt, s.do_cfg)
         timings["text encode"] = _sync_time(self.device, t0)
+        conds = None
+        if images:
+            t0 = time.perf_counter()
+            conds, s = self.encode.image(images, s, sizes=self.denoise.stage_pixel_sizes)
+            timings["image encode"] = _sync_time(self.device, t0)
         t0 = time.perf_counter()
-        latents = self.denoise(text, seed, s, progress=progress)
+        latents = self.denoise(text, conds, seed, s, progress=progress)
         timings["denoise"] = _sync_time(self.device, t0)
         t0 = time.perf_counter()
         frames = self.decode(latents, s.fps)
         timings["VAE decode"] = _sync_time(self.device, t0)
         return frames, timings
+
+
+def _check_task(task: str, model_type: str, root: Path) -> None:
+    if task != model_type:
+        hint = {"t2v": "a text-to-video", "i2v": "an image-to-video", "flf2v": "a first-last-frame"}[model_type]
+        raise UserError(f"task {task!r} does not fit the checkpoint {str(root)!r}, which is {hint} model "
+                        f"(model_type {model_type!r}); use task {model_type!r} or another checkpoint")
 
 
 def _sync_time(device: torch.device, t0: float) -> float:

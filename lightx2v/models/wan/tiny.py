@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from dataclasses import replace
+
 import torch
 
 from lightx2v.models.wan.arch import PRESETS
@@ -18,23 +20,24 @@ from lightx2v.models.wan.checkpoint import WAN_T5_FILE, WAN_VAE_FILE, save_dit
 
 TINY_VERSION = 1
 # Sizes a 2-core CPU runs in seconds (keyword overrides and config_json still win).
-TINY_DEFAULTS = {"height": 128, "width": 128, "num_frames": 17, "infer_steps": 20, "sample_shift": 5.0,
-                 "guidance_scale": 5.0}
+_TINY = {"height": 128, "width": 128, "num_frames": 17, "infer_steps": 20, "sample_shift": 5.0, "guidance_scale": 5.0}
+TINY_DEFAULTS = {"t2v": _TINY, "i2v": {**_TINY, "sample_shift": 3.0}, "flf2v": {**_TINY, "sample_shift": 3.0}}
+TINY_CLIP_DIM = 160
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("LIGHTX2V_CACHE_DIR") or Path.home() / ".cache" / "lightx2v")
 
 
-def ensure_tiny_model(root: Path | None = None) -> Path:
-    """Return the tiny model's folder, writing it first if it is not there yet."""
-    folder = (root or cache_root()) / f"tiny-wan2.1-t2v-v{TINY_VERSION}"
+def ensure_tiny_model(task: str = "t2v", root: Path | None = None) -> Path:
+    """Return the folder of the tiny model for ``task`` (t2v, i2v, flf2v), writing it first if needed."""
+    folder = (root or cache_root()) / f"tiny-wan2.1-{task}-v{TINY_VERSION}"
     if (folder / "COMPLETE").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
     try:
-        write_tiny_model(tmp)
+        write_tiny_model(tmp, task)
         (tmp / "COMPLETE").write_text("ok\n")
         try:
             tmp.rename(folder)
@@ -58,7 +61,7 @@ def _randomise(module: torch.nn.Module, g: torch.Generator) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def write_tiny_model(folder: Path) -> None:
+def write_tiny_model(folder: Path, task: str = "t2v") -> None:
     from transformers import UMT5Config, UMT5EncoderModel
 
     from lightx2v.models.wan.dit import WanDiT
@@ -71,6 +74,8 @@ def write_tiny_model(folder: Path) -> None:
 
     # DiT, with the cross-attention made loud enough that the prompt visibly changes the output.
     cfg = PRESETS["tiny"]
+    if task != "t2v":
+        cfg = replace(cfg, in_dim=36, model_type=task, image_dim=TINY_CLIP_DIM)
     attn = get_attention_backend("torch_sdpa", dtype=torch.float32, head_dim=cfg.head_dim, device=torch.device("cpu"))
     dit = WanDiT(cfg, attn)
     _randomise(dit, g)
@@ -96,3 +101,10 @@ def write_tiny_model(folder: Path) -> None:
     save_text_encoder(WanTextEncoder(tokenizer, t5), folder, "wan")
     shutil.rmtree(tok_dir)
     assert (folder / WAN_T5_FILE).is_file()
+
+    if task != "t2v":  # CLIP image encoder (ViT layout at toy width; 257 tokens like the real one)
+        from lightx2v.models.wan.clip import build_tiny_clip, save_image_encoder
+
+        clip = build_tiny_clip(seed=7)
+        assert clip.model.config.hidden_size == TINY_CLIP_DIM
+        save_image_encoder(clip, folder, "wan")

@@ -251,7 +251,8 @@ def build_config(defaults: dict[str, Any], json_values: dict[str, Any], override
             given.update(values)
     if merged.get("denoising_step_list") is not None:
         # A step-distilled schedule fixes the step count and the sampler.
-        if "infer_steps" not in given:
+        if "infer_steps" not in given and isinstance(merged["denoising_step_list"], (list, tuple)) \
+                and merged["denoising_step_list"]:
             merged["infer_steps"] = len(merged["denoising_step_list"])
         if "solver" in given:
             raise UserError(f"sample_solver={given['solver']!r} cannot be combined with denoising_step_list "

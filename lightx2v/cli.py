@@ -15,6 +15,7 @@ from lightx2v.errors import UserError
 OVERRIDES = {  # flag -> type; given flags override the config JSON
     "infer_steps": int, "height": int, "width": int, "num_frames": int, "guidance_scale": float,
     "sample_shift": float, "attn_mode": str, "sample_solver": str, "device": str, "dtype": str, "fps": int,
+    "resize_mode": str,
 }
 
 

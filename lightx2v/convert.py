@@ -25,7 +25,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, layout: str) -> Path
         raise UserError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     src, dst = Path(src), Path(dst)
     src_layout = detect_layout(src)
-    check_model_files(src, src_layout)
+    image_input = read_dit_config(src, src_layout).has_image_input
+    check_model_files(src, src_layout, image_input)
     if dst.exists() and any(dst.iterdir()):
         raise UserError(f"destination {str(dst)!r} exists and is not empty")
     try:
@@ -35,8 +36,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, layout: str) -> Path
     convert_dit(src, src_layout, dst, layout)
     convert_vae(src, src_layout, dst, layout)
     convert_text_encoder(src, src_layout, dst, layout)
+    if image_input:
+        convert_image_encoder(src, src_layout, dst, layout)
     if layout == "diffusers":
-        write_diffusers_extras(dst)
+        write_diffusers_extras(dst, image_input)
     return dst
 
 
@@ -94,7 +97,13 @@ def convert_text_encoder(src: Path, src_layout: str, dst: Path, layout: str) -> 
     save_text_encoder(enc, dst, layout)
 
 
-def write_diffusers_extras(dst: Path) -> None:
+def convert_image_encoder(src: Path, src_layout: str, dst: Path, layout: str) -> None:
+    from lightx2v.models.wan.clip import load_image_encoder, save_image_encoder
+
+    save_image_encoder(load_image_encoder(src, src_layout, dtype=None, keep_last_layer=True), dst, layout)
+
+
+def write_diffusers_extras(dst: Path, image_input: bool = False) -> None:
     """model_index.json and the scheduler config, so that diffusers' WanPipeline.from_pretrained(dst) works."""
     from transformers import AutoTokenizer
 
@@ -107,6 +116,9 @@ def write_diffusers_extras(dst: Path) -> None:
         "transformer": ["diffusers", "WanTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLWan"],
     }
+    if image_input:
+        index.update(_class_name="WanImageToVideoPipeline", image_encoder=["transformers", "CLIPVisionModel"],
+                     image_processor=["transformers", "CLIPImageProcessor"])
     (dst / "model_index.json").write_text(json.dumps(index, indent=2))
     (dst / "scheduler").mkdir(exist_ok=True)
     sched = {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000, "prediction_type": "flow_prediction",

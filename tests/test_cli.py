@@ -125,3 +125,33 @@ def test_shipped_configs_are_valid():
 
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.json")):
         build_config({}, load_config_json(path), {})
+
+
+def test_i2v_and_flf2v_on_tiny_models(tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "cat.png"
+    Image.new("RGB", (60, 40), (10, 200, 30)).save(img)
+    out = tmp_path / "i2v.mp4"
+    r = cli("generate", "--task", "i2v", "--image_path", str(img), "--prompt", "x", "--save_result_path", str(out),
+            *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert read_video(out).shape == (5, 32, 48, 3) and "image encode" in r.stderr
+    last = tmp_path / "last.jpg"
+    Image.new("RGB", (60, 40), (200, 10, 30)).save(last)
+    r = cli("generate", "--task", "flf2v", "--image_path", str(img), "--last_frame_path", str(last), "--prompt", "x",
+            "--save_result_path", str(tmp_path / "flf.mp4"), *SMALL)
+    assert r.returncode == 0, r.stderr
+
+
+def test_bad_images_rejected(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    for extra, msg in ((["--image_path", str(bad)], "cannot read image_path"),
+                       (["--image_path", str(tmp_path / "none.png")], "does not exist"),
+                       ([], "needs an image")):
+        r = cli("generate", "--task", "i2v", *extra, "--save_result_path", str(tmp_path / "o.mp4"), *SMALL)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = cli("generate", "--task", "flf2v", "--image_path", str(bad), "--save_result_path", str(tmp_path / "o.mp4"),
+            *SMALL)
+    assert r.returncode == 2 and "last_frame_path" in r.stderr

@@ -23,7 +23,7 @@ def tiny_clip(seed: int = 4):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     cfg = CLIPVisionConfig(hidden_size=160, intermediate_size=320, num_hidden_layers=3, num_attention_heads=2,
-                           image_size=224, patch_size=14, projection_dim=32)
+                           image_size=224, patch_size=14, projection_dim=32, hidden_act="gelu")
     model = CLIPVisionModel(cfg).eval()
     randomise(model, seed)
     processor = CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}, do_center_crop=True,

@@ -694,6 +694,11 @@ def save_image_encoder(enc: WanImageEncoder, model_dir: Path, layout: str) -> No
         )
     sd = {_canonical(k): v.detach().to("cpu").contiguous() for k, v in enc.model.state_dict().items()}
     if layout == "wan":
+        cfg = enc.model.config
+        if cfg.hidden_act != "gelu" or cfg.layer_norm_eps != 1e-5 or cfg.hidden_size % 80:
+            raise UserError(f"this image encoder (hidden_act={cfg.hidden_act!r}, layer_norm_eps={cfg.layer_norm_eps}, "
+                            f"hidden_size={cfg.hidden_size}) cannot be written in the Wan layout, whose file fixes "
+                            "exact GELU, eps 1e-5 and 80-wide heads; keep the diffusers layout")
         model_dir.mkdir(parents=True, exist_ok=True)
         wan_sd = {k: v.contiguous() for k, v in clip_state_dict_to_wan(sd).items()}
         torch.save(wan_sd, str(model_dir / WAN_CLIP_CHECKPOINT))

@@ -57,8 +57,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from lightx2v.convert import convert_checkpoint
 
-    out = convert_checkpoint(args.src, args.dst, layout=args.layout)
-    print(f"wrote {out} ({args.layout} layout)")
+    out = convert_checkpoint(args.src, args.dst, layout=args.layout, quantize=args.quantize)
+    print(f"wrote {out} ({args.layout} layout{', DiT ' + args.quantize if args.quantize else ''})")
     return 0
 
 
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", help="source checkpoint folder (either layout)")
     conv.add_argument("dst", help="destination folder (must not exist or be empty)")
     conv.add_argument("--layout", required=True, choices=["wan", "diffusers"], help="layout to write")
+    conv.add_argument("--quantize", default=None, choices=["fp8", "int8"],
+                      help="store the DiT block linears quantized (for dit_quant_scheme)")
     conv.set_defaults(func=_convert)
     return parser
 

@@ -41,7 +41,7 @@ ALIASES = {
 NOT_YET = {
     "cpu_offload": False, "offload_granularity": None, "lazy_load": False, "t5_cpu_offload": False,
     "clip_cpu_offload": False, "vae_cpu_offload": False, "unload_modules": False, "use_tiling_vae": False,
-    "dit_quant_scheme": None, "mm_config": None, "lora_configs": None, "feature_caching": "NoCaching",
+    "mm_config": None,
     "use_compile": False, "parallel": None,
     "t5_quantized": False, "clip_quantized": False, "use_prompt_enhancer": False,
 }
@@ -161,8 +161,12 @@ class RuntimeConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     dit_original_ckpt: str | None = None  # one .safetensors file with the DiT weights (Wan names), e.g. a distilled DiT
+    dit_quant_scheme: str | None = None  # fp8 | int8 (LightX2V aliases fp8-sgl, int8-vllm, ... accepted)
 
     def __post_init__(self):
+        from lightx2v.ops.quant import resolve_scheme
+
+        resolve_scheme(self.dit_quant_scheme)  # raises on unknown names
         if self.dit_original_ckpt is not None:
             from pathlib import Path as _P
 
@@ -176,12 +180,24 @@ class GeneratorConfig:
     attention: AttentionConfig
     runtime: RuntimeConfig
     checkpoint: CheckpointConfig
+    cache: Any = None  # lightx2v.hooks.caching.CacheConfig (feature_caching and its keys)
+    lora: Any = None   # lightx2v.hooks.lora.LoRAConfig (lora_configs, lora_mode)
+
+
+def _cache_keys() -> frozenset:
+    from lightx2v.hooks.caching import CACHE_KEYS
+
+    return CACHE_KEYS
+
+
+LORA_KEYS = ("lora_configs", "lora_mode")
 
 
 _SECTIONS = {"sampling": SamplingConfig, "attention": AttentionConfig, "runtime": RuntimeConfig,
              "checkpoint": CheckpointConfig}
 _KEY_TO_SECTION = {f.name: sec for sec, cls in _SECTIONS.items() for f in fields(cls)}
-ALL_KEYS = sorted(set(_KEY_TO_SECTION) | set(ALIASES) | set(NOT_YET) | set(FIXED) | set(IGNORED) | {"attn_mode"})
+ALL_KEYS = sorted(set(_KEY_TO_SECTION) | set(ALIASES) | set(NOT_YET) | set(FIXED) | set(IGNORED) | {"attn_mode"}
+                  | set(_cache_keys()) | set(LORA_KEYS))
 
 
 def _check_int(obj, name: str, lo: int) -> None:
@@ -257,7 +273,18 @@ def build_config(defaults: dict[str, Any], json_values: dict[str, Any], override
         if "solver" in given:
             raise UserError(f"sample_solver={given['solver']!r} cannot be combined with denoising_step_list "
                             "(step-distilled models use their own sampler)")
+    from lightx2v.hooks.caching import CacheConfig
+    from lightx2v.hooks.lora import LoRAConfig
+
+    cache_keys = _cache_keys()
+    cache = CacheConfig.from_lightx2v({k: merged.pop(k) for k in list(merged) if k in cache_keys})
+    lora_configs, lora_mode = merged.pop("lora_configs", None) or [], merged.pop("lora_mode", "merge")
+    lora = LoRAConfig.from_lightx2v(lora_configs, mode=lora_mode)
     per_section: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
     for key, value in merged.items():
         per_section[_KEY_TO_SECTION[key]][key] = value
-    return GeneratorConfig(**{s: _SECTIONS[s](**per_section[s]) for s in _SECTIONS})
+    cfg = GeneratorConfig(**{s: _SECTIONS[s](**per_section[s]) for s in _SECTIONS}, cache=cache, lora=lora)
+    if cfg.sampling.changing_resolution and cache.method != "NoCaching":
+        raise UserError("feature_caching cannot be combined with changing_resolution (cached residuals have the "
+                        "shape of one resolution)")
+    return cfg

@@ -20,9 +20,14 @@ from lightx2v.models.wan.runner import check_model_files
 LAYOUTS = ("wan", "diffusers")
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, *, layout: str) -> Path:
+def convert_checkpoint(src: str | Path, dst: str | Path, *, layout: str, quantize: str | None = None) -> Path:
+    """Write the checkpoint at ``src`` in ``layout`` under ``dst``; ``quantize`` ("fp8" / "int8") stores the DiT's
+    block linears quantized (LightX2V's ``X.weight`` + ``X.weight_scale``), for ``dit_quant_scheme``."""
+    from lightx2v.ops.quant import resolve_scheme
+
     if layout not in LAYOUTS:
         raise UserError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    scheme = resolve_scheme(quantize)
     src, dst = Path(src), Path(dst)
     src_layout = detect_layout(src)
     image_input = read_dit_config(src, src_layout).has_image_input
@@ -33,7 +38,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, layout: str) -> Path
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create destination folder {str(dst)!r}: {e.strerror or e}") from None
-    convert_dit(src, src_layout, dst, layout)
+    convert_dit(src, src_layout, dst, layout, scheme)
     convert_vae(src, src_layout, dst, layout)
     convert_text_encoder(src, src_layout, dst, layout)
     if image_input:
@@ -43,8 +48,24 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, layout: str) -> Path
     return dst
 
 
-def convert_dit(src: Path, src_layout: str, dst: Path, layout: str) -> None:
+def _quantizable_weight_names(cfg) -> set[str]:
+    import torch
+
+    from lightx2v.models.wan.dit import WanDiT
+    from lightx2v.ops.attention import get_attention_backend
+    from lightx2v.ops.quant import quantizable_linears
+
+    attn = get_attention_backend("torch_sdpa", dtype=torch.float32, head_dim=cfg.head_dim, device=torch.device("cpu"))
+    with torch.device("meta"):
+        model = WanDiT(cfg, attn)
+    return {f"{name}.weight" for name in quantizable_linears(model)}
+
+
+def convert_dit(src: Path, src_layout: str, dst: Path, layout: str, scheme: str | None = None) -> None:
+    from lightx2v.ops.quant import quantize_weight
+
     cfg = read_dit_config(src, src_layout)
+    to_quantize = _quantizable_weight_names(cfg) if scheme else set()
     out = dit_folder(dst, layout)
     out.mkdir(parents=True, exist_ok=True)
     shards = safetensors_files(dit_folder(src, src_layout), WAN_DIT_WEIGHTS)
@@ -53,7 +74,12 @@ def convert_dit(src: Path, src_layout: str, dst: Path, layout: str) -> None:
         sd = {}
         for key, tensor in iter_safetensors([shard]):
             wan_key = dit_key_from_diffusers(key) if src_layout == "diffusers" else key
-            sd[dit_key_to_diffusers(wan_key) if layout == "diffusers" else wan_key] = tensor.contiguous()
+            out_tensors = {wan_key: tensor}
+            if wan_key in to_quantize and tensor.is_floating_point():
+                q, scale = quantize_weight(tensor, scheme)
+                out_tensors = {wan_key: q, f"{wan_key}_scale": scale}
+            for k, t in out_tensors.items():
+                sd[dit_key_to_diffusers(k) if layout == "diffusers" else k] = t.contiguous()
         name = (f"{WAN_DIT_WEIGHTS}.safetensors" if len(shards) == 1
                 else f"{WAN_DIT_WEIGHTS}-{i + 1:05d}-of-{len(shards):05d}.safetensors")
         save_file(sd, str(out / name), metadata={"format": "pt"})

@@ -56,6 +56,16 @@ class LightX2VPipeline:
                  time.perf_counter() - t0)
         return self
 
+    def switch_lora(self, lora_configs: list[dict]) -> None:
+        """Replace the LoRAs between requests without reloading the model (needs ``lora_mode: "dynamic"``)."""
+        from lightx2v.hooks.lora import LoRAConfig
+
+        if self.runner is None:
+            raise UserError("call create_generator() before switch_lora()")
+        if self.runner.lora is None or self.runner.lora.mode != "dynamic":
+            raise UserError('switch_lora needs LoRAs applied with lora_mode "dynamic" in create_generator()')
+        self.runner.lora = self.runner.lora.switch_lora(LoRAConfig.from_lightx2v(lora_configs, mode="dynamic"))
+
     def check_images(self, image_path, last_frame_path) -> list:
         """Check and read the image inputs the task needs (paths, PIL images or tensors) -> RGB PIL images.
         Callers can do this before any model is loaded, so that a bad image fails at once."""

@@ -243,21 +243,60 @@ def single_file_dit_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_dit(model_dir: Path, layout: str, *, attn, device="cpu", dtype=torch.float32,
-             weights_file: Path | None = None):
+             weights_file: Path | None = None, quant_scheme: str | None = None):
     """Build a WanDiT on the meta device and stream its weights in (strict). ``weights_file``: one safetensors
-    file to take the weights from instead of the folder's (LightX2V's ``dit_original_ckpt``)."""
+    file to take the weights from instead of the folder's (LightX2V's ``dit_original_ckpt``). ``quant_scheme``
+    ("fp8" / "int8"): the block linears become QuantLinear; float weights are quantized as they stream in (on
+    ``device``), pre-quantized ones (``X.weight`` + ``X.weight_scale``) are taken as they are."""
     from lightx2v.models.wan.dit import WanDiT
 
     cfg = read_dit_config(model_dir, layout)
     with torch.device("meta"):
         model = WanDiT(cfg, attn)
-    dtype_for = lambda name: torch.float32 if WanDiT.is_float32_param(name) else dtype  # noqa: E731
     if weights_file is not None:
         tensors, what = single_file_dit_tensors(weights_file), f"DiT weights file {weights_file}"
     else:
         tensors, what = dit_tensors(model_dir, layout), f"DiT checkpoint in {dit_folder(model_dir, layout)}"
-    assign_strict(model, tensors, what=what, dtype_for=dtype_for, device=device)
+    quantized: set[str] = set()
+    if quant_scheme is not None:
+        from lightx2v.ops.quant import apply_quantization, quantizable_linears
+
+        quantized = set(quantizable_linears(model))
+        apply_quantization(model, quant_scheme)
+        tensors = _quantize_stream(tensors, quantized, quant_scheme, device, what)
+
+    def dtype_for(name: str):
+        module, _, leaf = name.rpartition(".")
+        if module in quantized and leaf in ("weight", "weight_scale"):
+            return None  # already in their storage format
+        return torch.float32 if WanDiT.is_float32_param(name) else dtype
+
+    try:
+        assign_strict(model, tensors, what=what, dtype_for=dtype_for, device=device)
+    except CheckpointError as e:
+        if quant_scheme is None and "weight_scale" in str(e):
+            raise CheckpointError(f"{e}; this looks like a pre-quantized checkpoint: set dit_quant_scheme to "
+                                  "fp8 or int8") from None
+        raise
     return model.eval().requires_grad_(False)
+
+
+def _quantize_stream(tensors, quantized: set[str], scheme: str, device, what: str):
+    """Quantize float weights of the quantized modules on the fly; pass pre-quantized ones through."""
+    from lightx2v.ops.quant import _STORAGE, quantize_weight
+
+    for name, t in tensors:
+        module, _, leaf = name.rpartition(".")
+        if module in quantized and leaf == "weight":
+            if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+                q, scale = quantize_weight(t.to(device), scheme)
+                yield name, q
+                yield f"{module}.weight_scale", scale
+                continue
+            if t.dtype != _STORAGE[scheme]:
+                raise CheckpointError(f"{what}: {name} is stored as {t.dtype}, which does not fit "
+                                      f"dit_quant_scheme {scheme!r} ({_STORAGE[scheme]})")
+        yield name, t
 
 
 def save_dit(state_dict: dict[str, torch.Tensor], cfg: WanDiTConfig, out_dir: Path, layout: str) -> None:

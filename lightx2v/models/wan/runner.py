@@ -112,8 +112,9 @@ class EncodeStage:
 class DenoiseStage:
     """TextEmbeds (+ ImageCond per resolution stage, seed, sampling settings) -> Latents."""
 
-    def __init__(self, dit, device: torch.device):
+    def __init__(self, dit, device: torch.device, cache=None):
         self.dit, self.device = dit, device
+        self.cache = cache  # a feature-caching hook (lightx2v.hooks.caching) or None
 
     def stage_shapes(self, s: SamplingConfig) -> list[tuple[int, ...]]:
         """Latent shape per resolution stage: the reduced ones of ``changing_resolution``, then the full one."""
@@ -140,8 +141,12 @@ class DenoiseStage:
         clip = image.clip_tokens if image is not None else None
         if image is not None:
             x = torch.cat([x, image.latent_cond], dim=1)
+        if self.cache is not None:
+            self.cache.set_branch("cond")
         v = self.dit(x, t, text.context, clip)
         if text.context_null is not None:
+            if self.cache is not None:
+                self.cache.set_branch("uncond")
             v_null = self.dit(x, t, text.context_null, clip)
             v = v_null + s.guidance_scale * (v - v_null)
         return v
@@ -156,6 +161,8 @@ class DenoiseStage:
         noises = [torch.randn(shape, generator=g, dtype=torch.float32) for shape in self.stage_shapes(s)]
         stage, latents = 0, noises[0].to(self.device)
         scheduler = self._scheduler(s, s.sample_shift, g)
+        if self.cache is not None:
+            self.cache.begin_generation(s.infer_steps)
         switch_after = set(s.changing_resolution_steps or ()) if s.changing_resolution else set()
         for i in tqdm(range(s.infer_steps), desc="denoise", disable=not progress, leave=False):
             t = scheduler.timesteps[i].reshape(1)
@@ -213,12 +220,27 @@ class WanRunner:
 
             image_encoder = load_image_encoder(self.root, self.layout, device=dev, dtype=dt)
         attn = get_attention_backend(cfg.attention.self_attn_1_type, dtype=dt, head_dim=dit_cfg.head_dim, device=dev)
+        from lightx2v.ops.quant import resolve_scheme
+
         weights = cfg.checkpoint.dit_original_ckpt
         dit = load_dit(self.root, self.layout, attn=attn, device=dev, dtype=dt,
-                       weights_file=Path(weights) if weights else None)
+                       weights_file=Path(weights) if weights else None,
+                       quant_scheme=resolve_scheme(cfg.checkpoint.dit_quant_scheme))
+
+        # Runtime features, attached from outside the model.
+        self.lora = None
+        if cfg.lora.loras:
+            from lightx2v.hooks.lora import apply_lora
+
+            self.lora = apply_lora(dit, cfg.lora)
+        cache = None
+        if cfg.cache.method != "NoCaching":
+            from lightx2v.hooks.caching import apply_feature_caching
+
+            cache = apply_feature_caching(dit, cfg.cache)
 
         self.encode = EncodeStage(text_encoder, dev, image_encoder, vae if image_input else None)
-        self.denoise = DenoiseStage(dit, dev)
+        self.denoise = DenoiseStage(dit, dev, cache)
         self.decode = DecodeStage(vae, dev)
 
     def run(self, prompt: str, negative_prompt: str, seed: int, images: list | None = None,
@@ -236,6 +258,13 @@ class WanRunner:
         t0 = time.perf_counter()
         latents = self.denoise(text, conds, seed, s, progress=progress)
         timings["denoise"] = _sync_time(self.device, t0)
+        if self.denoise.cache is not None:
+            stats = self.denoise.cache.stats()
+            skipped = sum(b["skipped"] for b in stats.values())
+            total = skipped + sum(b["computed"] for b in stats.values())
+            log.info("feature caching (%s): skipped %d of %d block-stack evaluations", self.cfg.cache.method,
+                     skipped, total)
+            self.last_cache_stats = stats
         t0 = time.perf_counter()
         frames = self.decode(latents, s.fps)
         timings["VAE decode"] = _sync_time(self.device, t0)

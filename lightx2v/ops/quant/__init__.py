@@ -1,0 +1,125 @@
+"""Quantized linear layers: FP8 (E4M3) and INT8 weights with per-output-channel scales, activations quantized
+per token at run time.
+
+Weight format and GEMM kernel are separate choices: the format is what ``dit_quant_scheme`` names (``fp8`` or
+``int8``; LightX2V's kernel-flavoured names such as ``fp8-sgl`` or ``int8-vllm`` are accepted as aliases of the
+format), the kernel is picked from what the device can run: ``torch._scaled_mm`` (FP8, rowwise scales; Hopper/Ada),
+``torch._int_mm`` (INT8), else a reference path that dequantizes (CPU, tests). Checkpoints use LightX2V's layout:
+``X.weight`` (float8_e4m3fn or int8, [out, in]) + ``X.weight_scale`` (float32, [out, 1]).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightx2v.errors import UserError
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+INT8_MAX = 127.0
+SCHEMES = ("fp8", "int8")
+_STORAGE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+def resolve_scheme(name: str | None) -> str | None:
+    """``None``/"none"/"bf16" -> None; ``fp8``, ``fp8-*``, ``int8``, ``int8-*`` -> the format."""
+    if name in (None, "", "none", "None", "bf16", "Default"):
+        return None
+    if not isinstance(name, str):
+        raise UserError(f"dit_quant_scheme={name!r} must be a string")
+    base = name.split("-", 1)[0].lower()
+    if base not in SCHEMES:
+        raise UserError(f"dit_quant_scheme={name!r} is not supported; allowed: fp8, int8 (and LightX2V's aliases "
+                        "such as fp8-sgl, fp8-vllm, fp8-torchao, fp8-triton, int8-vllm, int8-triton)")
+    return base
+
+
+def quantize_weight(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float -> (quantized [out, in], float32 scale [out, 1]) with symmetric per-output-channel scales."""
+    wf = w.float()
+    qmax = FP8_MAX if scheme == "fp8" else INT8_MAX
+    scale = (wf.abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-12)
+    q = wf / scale
+    q = q.to(torch.float8_e4m3fn) if scheme == "fp8" else q.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()
+
+
+def quantize_activation(x2d: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] -> (quantized [M, K], float32 per-token scale [M, 1])."""
+    xf = x2d.float()
+    qmax = FP8_MAX if scheme == "fp8" else INT8_MAX
+    scale = (xf.abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-12)
+    q = xf / scale
+    q = q.to(torch.float8_e4m3fn) if scheme == "fp8" else q.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def _fp8_mm_ok(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W stored quantized ([out, in] + per-row float32 scale)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=_STORAGE[scheme], device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self.kernel = "auto"  # "auto" | "reference"
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, scheme: str) -> "QuantLinear":
+        q = cls(lin.in_features, lin.out_features, lin.bias is not None, scheme, device="meta")
+        q.weight, q.weight_scale = quantize_weight(lin.weight.data, scheme)
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
+        return q
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xq, sx = quantize_activation(x2, self.scheme)
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        bias = None if self.bias is None else self.bias.to(out_dtype)
+        if self.kernel == "auto" and self.scheme == "fp8" and _fp8_mm_ok(x.device):
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale.reshape(1, -1),
+                                 bias=bias, out_dtype=out_dtype)
+        elif self.kernel == "auto" and self.scheme == "int8" and x.device.type == "cuda" and x2.shape[0] > 16:
+            acc = torch._int_mm(xq, self.weight.t())  # int32 [M, N]
+            y = acc.float() * sx * self.weight_scale.reshape(1, -1)
+            y = (y + bias.float() if bias is not None else y).to(out_dtype)
+        else:  # reference: the same quantized operands, multiplied in float32
+            y = F.linear(xq.float() * sx, dequantize_weight(self.weight, self.weight_scale),
+                         None if bias is None else bias.float()).to(out_dtype)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def quantizable_linears(model: nn.Module) -> list[str]:
+    """Names of the Linear layers that quantization replaces: those inside the transformer blocks (attention
+    projections and FFN). Embeddings, norms, the time/text/image projections and the head stay in high precision."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("blocks.")]
+
+
+def apply_quantization(model: nn.Module, scheme: str) -> nn.Module:
+    """Replace the block Linear layers of ``model`` by QuantLinear (quantizing their current weights; on the meta
+    device this just builds the quantized structure for loading a pre-quantized checkpoint)."""
+    for name in quantizable_linears(model):
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        lin = getattr(parent, leaf)
+        if lin.weight.is_meta:
+            new = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, scheme, device="meta")
+        else:
+            new = QuantLinear.from_linear(lin, scheme)
+        setattr(parent, leaf, new)
+    return model

@@ -1,0 +1,91 @@
+"""FP8 / INT8 linear layers (reference path on CPU), quantize-at-load, pre-quantized checkpoints, convert."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightx2v import LightX2VPipeline
+from lightx2v.errors import UserError
+from lightx2v.models.wan.checkpoint import load_dit
+from lightx2v.models.wan.tiny import ensure_tiny_model
+from lightx2v.ops.attention import get_attention_backend
+from lightx2v.ops.quant import (QuantLinear, dequantize_weight, quantize_activation, quantize_weight,
+                                resolve_scheme)
+
+SDPA = get_attention_backend("torch_sdpa", dtype=torch.float32, head_dim=16, device=torch.device("cpu"))
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("scheme,tol", [("fp8", 0.05), ("int8", 0.01)])
+def test_weight_and_activation_quantization(scheme, tol):
+    w = torch.randn(96, 64) * torch.linspace(0.1, 3, 96)[:, None]  # channels of different ranges
+    q, s = quantize_weight(w, scheme)
+    assert q.dtype == (torch.float8_e4m3fn if scheme == "fp8" else torch.int8) and s.shape == (96, 1)
+    assert _rel(dequantize_weight(q, s), w) < tol
+    x = torch.randn(10, 64)
+    x[3] *= 100  # an outlier token gets its own scale
+    xq, sx = quantize_activation(x, scheme)
+    assert _rel(xq.float() * sx, x) < tol and sx.shape == (10, 1)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_quant_linear_close_to_float(scheme):
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(2, 7, 64)
+    q = QuantLinear.from_linear(lin, scheme)
+    y = q(x)
+    assert y.shape == (2, 7, 48)
+    assert _rel(y, lin(x)) < (0.06 if scheme == "fp8" else 0.02)
+    # exactly the math of the quantized operands
+    xq, sx = quantize_activation(x.reshape(-1, 64), scheme)
+    want = (xq.float() * sx) @ dequantize_weight(q.weight, q.weight_scale).T + lin.bias
+    torch.testing.assert_close(y.reshape(-1, 48), want, rtol=1e-6, atol=1e-6)
+
+
+def test_scheme_names():
+    assert resolve_scheme("fp8-sgl") == resolve_scheme("fp8-vllm") == resolve_scheme("fp8-torchao") == "fp8"
+    assert resolve_scheme("int8-vllm") == "int8" and resolve_scheme(None) is None
+    with pytest.raises(UserError, match="nf4"):
+        resolve_scheme("nf4")
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_dit_quantized_at_load_and_prequantized(tmp_path, scheme):
+    root = ensure_tiny_model()
+    ref = load_dit(root, "wan", attn=SDPA)
+    qdit = load_dit(root, "wan", attn=SDPA, quant_scheme=scheme)
+    lin = qdit.blocks[0].self_attn.q
+    assert isinstance(lin, QuantLinear) and isinstance(qdit.head.head, torch.nn.Linear)  # head stays float
+    x, t = torch.randn(1, 16, 3, 8, 8), torch.tensor([500.0])
+    ctx = torch.randn(1, 512, 32)
+    with torch.no_grad():
+        want, got = ref(x, t, ctx), qdit(x, t, ctx)
+    # the tiny random model has loud cross-attention (see tiny.py); real-size figures are in BENCHMARKS.md
+    assert _rel(got, want) < (0.15 if scheme == "fp8" else 0.05)
+    # pre-quantized checkpoint written by `lightx2v convert --quantize` loads to the same weights
+    r = subprocess.run([sys.executable, "-m", "lightx2v.cli", "convert", str(root), str(tmp_path / "q"), "--layout",
+                        "wan", "--quantize", scheme], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    pre = load_dit(tmp_path / "q", "wan", attn=SDPA, quant_scheme=scheme)
+    assert torch.equal(pre.blocks[1].ffn[0].weight.view(torch.uint8), qdit.blocks[1].ffn[0].weight.view(torch.uint8))
+    with torch.no_grad():
+        assert torch.equal(pre(x, t, ctx), got)
+    with pytest.raises(UserError, match="pre-quantized checkpoint: set dit_quant_scheme"):
+        load_dit(tmp_path / "q", "wan", attn=SDPA)
+    other = "int8" if scheme == "fp8" else "fp8"
+    with pytest.raises(UserError, match="does not fit dit_quant_scheme"):
+        load_dit(tmp_path / "q", "wan", attn=SDPA, quant_scheme=other)
+
+
+def test_pipeline_with_quant_scheme():
+    pipe = LightX2VPipeline().create_generator(height=32, width=32, num_frames=5, infer_steps=3,
+                                               dit_quant_scheme="fp8-vllm")
+    _, frames = pipe.generate(seed=1, prompt="a cat", return_result_tensor=True, progress=False)
+    assert torch.isfinite(frames).all()
+    with pytest.raises(UserError, match="dit_quant_scheme='w4a4'"):
+        LightX2VPipeline().create_generator(dit_quant_scheme="w4a4")

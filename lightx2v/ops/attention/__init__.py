@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 
 from lightx2v.errors import UserError
+from lightx2v.ops.attention.flash import (flash_attn2_attention, flash_attn2_available, flash_attn3_attention,
+                                          flash_attn3_available)
 from lightx2v.ops.attention.torch_sdpa import torch_sdpa_attention
 
 
@@ -24,8 +26,14 @@ class AttentionBackend:
     dtypes: tuple[torch.dtype, ...]
     max_head_dim: int
     needs_cuda: bool = False
+    min_capability: tuple[int, int] | None = None  # CUDA compute capability, e.g. (9, 0) for Hopper
+    available: Callable[[], bool] | None = None  # whether the package it needs is installed
+    missing_hint: str = ""
 
     def check(self, dtype: torch.dtype, head_dim: int, device: torch.device) -> None:
+        if self.available is not None and not self.available():
+            raise UserError(f"attention backend {self.name!r} is not installed here{self.missing_hint}; "
+                            "use torch_sdpa (no extra packages) instead")
         if dtype not in self.dtypes:
             allowed = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
             raise UserError(f"attention backend {self.name!r} does not support dtype {dtype}; allowed: {allowed}")
@@ -33,16 +41,32 @@ class AttentionBackend:
             raise UserError(f"attention backend {self.name!r} supports head_dim <= {self.max_head_dim}, got {head_dim}")
         if self.needs_cuda and device.type != "cuda":
             raise UserError(f"attention backend {self.name!r} needs a CUDA GPU, but the model runs on {device}")
+        if self.min_capability is not None and device.type == "cuda":
+            cap = torch.cuda.get_device_capability(device)
+            if cap < self.min_capability:
+                raise UserError(f"attention backend {self.name!r} needs compute capability >= "
+                                f"{self.min_capability[0]}.{self.min_capability[1]}, this GPU has {cap[0]}.{cap[1]}")
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.fn(q, k, v)
 
 
+_HALF = (torch.float16, torch.bfloat16)
 _BACKENDS: dict[str, AttentionBackend] = {
     "torch_sdpa": AttentionBackend(
         "torch_sdpa", torch_sdpa_attention, (torch.float32, torch.float16, torch.bfloat16), max_head_dim=512
     ),
+    "flash_attn2": AttentionBackend("flash_attn2", flash_attn2_attention, _HALF, max_head_dim=256, needs_cuda=True,
+                                    min_capability=(8, 0), available=flash_attn2_available,
+                                    missing_hint=" (pip install flash-attn)"),
+    "flash_attn3": AttentionBackend("flash_attn3", flash_attn3_attention, _HALF, max_head_dim=256, needs_cuda=True,
+                                    min_capability=(9, 0), available=flash_attn3_available,
+                                    missing_hint=" (FlashAttention 3's flash_attn_interface, Hopper only)"),
 }
+
+
+def register_backend(backend: AttentionBackend) -> None:
+    _BACKENDS[backend.name] = backend
 
 
 def available_backends() -> list[str]:

@@ -39,10 +39,8 @@ ALIASES = {
 
 # Keys of features that later versions implement: accepted while they ask for nothing (value is off/empty).
 NOT_YET = {
-    "cpu_offload": False, "offload_granularity": None, "lazy_load": False, "t5_cpu_offload": False,
-    "clip_cpu_offload": False, "vae_cpu_offload": False, "unload_modules": False, "use_tiling_vae": False,
-    "mm_config": None,
-    "use_compile": False, "parallel": None,
+    "cpu_offload": False, "offload_granularity": None, "lazy_load": False, "use_tiling_vae": False,
+    "mm_config": None, "parallel": None,
     "t5_quantized": False, "clip_quantized": False, "use_prompt_enhancer": False,
 }
 # LightX2V keys whose value is fixed for Wan2.1: accepted only with that value.
@@ -150,8 +148,20 @@ class AttentionConfig:
 class RuntimeConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"   # "auto" (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    cfg_batch: bool | str = "auto"  # cond + uncond in one batch of 2 ("auto": on GPU, without feature caching)
+    use_compile: bool = False  # torch.compile each transformer block (regional compile)
+    compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
+    t5_cpu_offload: bool = False  # keep the text encoder on the CPU between uses
+    clip_cpu_offload: bool = False
+    vae_cpu_offload: bool = False
+    unload_modules: bool = False  # load encoders/VAE per use and free them after
 
     def __post_init__(self):
+        for name in ("use_compile", "t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload", "unload_modules"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.cfg_batch not in (True, False, "auto"):
+            raise UserError(f"cfg_batch={self.cfg_batch!r} must be true, false or \"auto\"")
         if self.dtype not in DTYPES + ("auto",):
             raise UserError(f"dtype={self.dtype!r} is not supported; allowed: auto, {', '.join(DTYPES)}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):

@@ -6,7 +6,9 @@ run each stage as its own service.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import resource
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -54,17 +56,56 @@ def check_model_files(root: Path, layout: str, image_input: bool = False) -> Non
     safetensors_files(dit_folder(root, layout), "diffusion_pytorch_model")
 
 
+class ComponentSlot:
+    """Where a component (text encoder, image encoder, VAE) lives between uses.
+
+    ``resident``: loaded once on the device. ``cpu``: loaded once on the CPU and moved to the device only while it
+    is used (LightX2V's ``t5_cpu_offload`` / ``clip_cpu_offload`` / ``vae_cpu_offload``). ``unload``: loaded from
+    disk when used and freed right after (``unload_modules``), for the smallest footprint.
+    """
+
+    def __init__(self, load, device: torch.device, policy: str = "resident"):
+        self.load, self.device, self.policy = load, device, policy
+        self.obj = None if policy == "unload" else load(device if policy == "resident" else torch.device("cpu"))
+
+    @contextlib.contextmanager
+    def use(self):
+        if self.policy == "resident":
+            yield self.obj
+        elif self.policy == "cpu":
+            self.obj.to(self.device)
+            try:
+                yield self.obj
+            finally:
+                self.obj.to(torch.device("cpu"))
+                _empty_cache(self.device)
+        else:
+            obj = self.load(self.device)
+            try:
+                yield obj
+            finally:
+                del obj
+                _empty_cache(self.device)
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 class EncodeStage:
     """prompt(s) (+ image(s)) -> TextEmbeds (+ ImageCond)."""
 
-    def __init__(self, text_encoder, device: torch.device, image_encoder=None, vae=None):
+    def __init__(self, text_encoder: ComponentSlot, device: torch.device, image_encoder: ComponentSlot | None = None,
+                 vae: ComponentSlot | None = None):
         self.text_encoder, self.image_encoder, self.vae = text_encoder, image_encoder, vae
         self.device = device
 
     @torch.inference_mode()
     def text(self, prompt: str, negative_prompt: str, do_cfg: bool) -> TextEmbeds:
         prompts = [prompt, negative_prompt] if do_cfg else [prompt]
-        embeds = self.text_encoder.encode(prompts, max_length=512, device=self.device)
+        with self.text_encoder.use() as encoder:
+            embeds = encoder.encode(prompts, max_length=512, device=self.device)
         return TextEmbeds(context=embeds[:1], context_null=embeds[1:2] if do_cfg else None)
 
     @torch.inference_mode()
@@ -80,12 +121,15 @@ class EncodeStage:
             s = replace(s, height=h, width=w)
         elif s.resize_mode == "crop":
             images = [center_crop_to_aspect(img, s.width, s.height) for img in images]
-        clip = self.image_encoder.encode(images, device=self.device)  # [N, 257, C]
+        with self.image_encoder.use() as image_encoder:
+            clip = image_encoder.encode(images, device=self.device)  # [N, 257, C]
         clip_tokens = clip.reshape(1, -1, clip.shape[-1])
         sizes = sizes(s) if callable(sizes) else (sizes or [(s.height, s.width)])
-        return [ImageCond(clip_tokens, self._latent_condition(images, h, w, s.num_frames)) for h, w in sizes], s
+        with self.vae.use() as vae:
+            return [ImageCond(clip_tokens, self._latent_condition(vae, images, h, w, s.num_frames))
+                    for h, w in sizes], s
 
-    def _latent_condition(self, images: list, height: int, width: int, f: int) -> torch.Tensor:
+    def _latent_condition(self, vae, images: list, height: int, width: int, f: int) -> torch.Tensor:
         """Frame mask + VAE latents of the conditioning frame(s) -> [1, 4 + z, T, h, w]."""
         from lightx2v.io.image import to_model_tensor
 
@@ -95,7 +139,7 @@ class EncodeStage:
         video[:, :, 0] = pixels[0][0]
         if len(pixels) == 2:
             video[:, :, f - 1] = pixels[1][0]
-        z = self.vae.encode(video.to(self.device, self.vae.dtype)).float()  # [1, z, T, h, w], normalised
+        z = vae.encode(video.to(self.device, vae.dtype)).float()  # [1, z, T, h, w], normalised
 
         # Frame mask: 1 on the given frames. The first frame's flag is repeated VAE_TEMPORAL times so that every
         # latent frame carries VAE_TEMPORAL flags -> [1, 4, T, h, w].
@@ -112,9 +156,10 @@ class EncodeStage:
 class DenoiseStage:
     """TextEmbeds (+ ImageCond per resolution stage, seed, sampling settings) -> Latents."""
 
-    def __init__(self, dit, device: torch.device, cache=None):
+    def __init__(self, dit, device: torch.device, cache=None, cfg_batch: bool = False):
         self.dit, self.device = dit, device
         self.cache = cache  # a feature-caching hook (lightx2v.hooks.caching) or None
+        self.cfg_batch = cfg_batch and cache is None  # caching keeps per-branch state: one branch per forward
 
     def stage_shapes(self, s: SamplingConfig) -> list[tuple[int, ...]]:
         """Latent shape per resolution stage: the reduced ones of ``changing_resolution``, then the full one."""
@@ -141,6 +186,12 @@ class DenoiseStage:
         clip = image.clip_tokens if image is not None else None
         if image is not None:
             x = torch.cat([x, image.latent_cond], dim=1)
+        if self.cfg_batch and text.context_null is not None:
+            # cond and uncond as one batch of 2 (one pass over the weights instead of two)
+            both = self.dit(torch.cat([x, x]), t.expand(2), torch.cat([text.context, text.context_null]),
+                            None if clip is None else torch.cat([clip, clip]))
+            v, v_null = both[:1], both[1:]
+            return v_null + s.guidance_scale * (v - v_null)
         if self.cache is not None:
             self.cache.set_branch("cond")
         v = self.dit(x, t, text.context, clip)
@@ -184,12 +235,13 @@ class DenoiseStage:
 class DecodeStage:
     """Latents -> Frames."""
 
-    def __init__(self, vae, device: torch.device):
+    def __init__(self, vae: ComponentSlot, device: torch.device):
         self.vae, self.device = vae, device
 
     @torch.inference_mode()
     def __call__(self, latents: Latents, fps: int) -> Frames:
-        video = self.vae.decode(latents.latents.to(self.device, self.vae.dtype))  # [1, 3, F, H, W] in [-1, 1]
+        with self.vae.use() as vae:
+            video = vae.decode(latents.latents.to(self.device, vae.dtype))  # [1, 3, F, H, W] in [-1, 1]
         frames = (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu()  # [F, H, W, 3]
         return Frames(frames=frames, fps=fps)
 
@@ -208,17 +260,21 @@ class WanRunner:
         self.device, self.dtype = resolve_device_dtype(cfg.runtime.device, cfg.runtime.dtype)
         dev, dt = self.device, self.dtype
 
-        text_encoder = load_text_encoder(self.root, self.layout, device=dev, dtype=dt)
-        if text_encoder.model.config.d_model != dit_cfg.text_dim:
-            raise CheckpointError(f"text encoder width {text_encoder.model.config.d_model} does not match the "
-                                  f"DiT's text_dim {dit_cfg.text_dim}")
-        vae = load_wan_vae(self.root / WAN_VAE_FILE if self.layout == "wan" else self.root / "vae", device=dev,
-                           dtype=dt)
-        image_encoder = None
+        rt = cfg.runtime
+        policy = lambda offload: "unload" if rt.unload_modules else ("cpu" if offload else "resident")  # noqa: E731
+        text_slot = ComponentSlot(lambda d: load_text_encoder(self.root, self.layout, device=d, dtype=dt), dev,
+                                  policy(rt.t5_cpu_offload))
+        vae_path = self.root / WAN_VAE_FILE if self.layout == "wan" else self.root / "vae"
+        vae_slot = ComponentSlot(lambda d: load_wan_vae(vae_path, device=d, dtype=dt), dev, policy(rt.vae_cpu_offload))
+        image_slot = None
         if image_input:
             from lightx2v.models.wan.clip import load_image_encoder
 
-            image_encoder = load_image_encoder(self.root, self.layout, device=dev, dtype=dt)
+            image_slot = ComponentSlot(lambda d: load_image_encoder(self.root, self.layout, device=d, dtype=dt), dev,
+                                       policy(rt.clip_cpu_offload))
+        text_dim = _text_width(self.root, self.layout)
+        if text_dim != dit_cfg.text_dim:
+            raise CheckpointError(f"text encoder width {text_dim} does not match the DiT's text_dim {dit_cfg.text_dim}")
         attn = get_attention_backend(cfg.attention.self_attn_1_type, dtype=dt, head_dim=dit_cfg.head_dim, device=dev)
         from lightx2v.ops.quant import resolve_scheme
 
@@ -239,25 +295,28 @@ class WanRunner:
 
             cache = apply_feature_caching(dit, cfg.cache)
 
-        self.encode = EncodeStage(text_encoder, dev, image_encoder, vae if image_input else None)
-        self.denoise = DenoiseStage(dit, dev, cache)
-        self.decode = DecodeStage(vae, dev)
+        if rt.use_compile:
+            from lightx2v.hooks.compile import apply_compile
+
+            apply_compile(dit, mode=rt.compile_mode)
+        cfg_batch = rt.cfg_batch if isinstance(rt.cfg_batch, bool) else dev.type == "cuda"
+
+        self.encode = EncodeStage(text_slot, dev, image_slot, vae_slot if image_input else None)
+        self.denoise = DenoiseStage(dit, dev, cache, cfg_batch=cfg_batch)
+        self.decode = DecodeStage(vae_slot, dev)
 
     def run(self, prompt: str, negative_prompt: str, seed: int, images: list | None = None,
             progress: bool = True) -> tuple[Frames, dict]:
         s = self.cfg.sampling
-        timings = {}
-        t0 = time.perf_counter()
-        text = self.encode.text(prompt, negative_prompt, s.do_cfg)
-        timings["text encode"] = _sync_time(self.device, t0)
+        timings, memory = {}, {}
+        with self._stage("text encode", timings, memory):
+            text = self.encode.text(prompt, negative_prompt, s.do_cfg)
         conds = None
         if images:
-            t0 = time.perf_counter()
-            conds, s = self.encode.image(images, s, sizes=self.denoise.stage_pixel_sizes)
-            timings["image encode"] = _sync_time(self.device, t0)
-        t0 = time.perf_counter()
-        latents = self.denoise(text, conds, seed, s, progress=progress)
-        timings["denoise"] = _sync_time(self.device, t0)
+            with self._stage("image encode", timings, memory):
+                conds, s = self.encode.image(images, s, sizes=self.denoise.stage_pixel_sizes)
+        with self._stage("denoise", timings, memory):
+            latents = self.denoise(text, conds, seed, s, progress=progress)
         if self.denoise.cache is not None:
             stats = self.denoise.cache.stats()
             skipped = sum(b["skipped"] for b in stats.values())
@@ -265,10 +324,35 @@ class WanRunner:
             log.info("feature caching (%s): skipped %d of %d block-stack evaluations", self.cfg.cache.method,
                      skipped, total)
             self.last_cache_stats = stats
-        t0 = time.perf_counter()
-        frames = self.decode(latents, s.fps)
-        timings["VAE decode"] = _sync_time(self.device, t0)
+        with self._stage("VAE decode", timings, memory):
+            frames = self.decode(latents, s.fps)
+        memory["host RSS"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, process peak
+        self.last_memory = memory
+        log.info("peak memory (GiB): " + " | ".join(f"{k} {v:.2f}" for k, v in memory.items()))
         return frames, timings
+
+    @contextlib.contextmanager
+    def _stage(self, name: str, timings: dict, memory: dict):
+        """Time a stage and, on a GPU, record its peak allocated memory."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        yield
+        timings[name] = _sync_time(self.device, t0)
+        if cuda:
+            memory[f"GPU {name}"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+
+
+def _text_width(root: Path, layout: str) -> int:
+    """d_model of the text encoder, read without loading it (diffusers config, or the Wan file's embedding)."""
+    import json
+
+    if layout == "diffusers":
+        return json.loads((root / "text_encoder" / "config.json").read_text())["d_model"]
+    sd = torch.load(root / WAN_T5_FILE, map_location="cpu", weights_only=True, mmap=True)
+    return sd["token_embedding.weight"].shape[1]
 
 
 def _check_task(task: str, model_type: str, root: Path) -> None:

@@ -1,0 +1,25 @@
+"""Regional compilation: ``torch.compile`` each transformer block rather than the whole model.
+
+All blocks share one structure, so the first compiled block's graph is reused by the others (one compile instead
+of forty), and the parts around the blocks (embeddings, head, hooks such as feature caching) stay eager.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+
+def apply_compile(model: nn.Module, *, mode: str | None = None, backend: str = "inductor",
+                  fullgraph: bool = True, dynamic: bool | None = None) -> nn.Module:
+    """Compile every module in ``model.blocks`` in place (``nn.Module.compile``)."""
+    for block in model.blocks:
+        block.compile(mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    return model
+
+
+def remove_compile(model: nn.Module) -> nn.Module:
+    for block in model.blocks:
+        block._compiled_call_impl = None
+    return model
+
+

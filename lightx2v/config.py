@@ -39,8 +39,7 @@ ALIASES = {
 
 # Keys of features that later versions implement: accepted while they ask for nothing (value is off/empty).
 NOT_YET = {
-    "cpu_offload": False, "offload_granularity": None, "lazy_load": False, "use_tiling_vae": False,
-    "mm_config": None, "parallel": None,
+    "use_tiling_vae": False, "mm_config": None, "parallel": None,
     "t5_quantized": False, "clip_quantized": False, "use_prompt_enhancer": False,
 }
 # LightX2V keys whose value is fixed for Wan2.1: accepted only with that value.
@@ -192,6 +191,7 @@ class GeneratorConfig:
     checkpoint: CheckpointConfig
     cache: Any = None  # lightx2v.hooks.caching.CacheConfig (feature_caching and its keys)
     lora: Any = None   # lightx2v.hooks.lora.LoRAConfig (lora_configs, lora_mode)
+    offload: Any = None  # lightx2v.hooks.offload.OffloadConfig (cpu_offload, offload_granularity, lazy_load)
 
 
 def _cache_keys() -> frozenset:
@@ -201,13 +201,14 @@ def _cache_keys() -> frozenset:
 
 
 LORA_KEYS = ("lora_configs", "lora_mode")
+OFFLOAD_KEYS = ("cpu_offload", "offload_granularity", "lazy_load", "num_prefetch")
 
 
 _SECTIONS = {"sampling": SamplingConfig, "attention": AttentionConfig, "runtime": RuntimeConfig,
              "checkpoint": CheckpointConfig}
 _KEY_TO_SECTION = {f.name: sec for sec, cls in _SECTIONS.items() for f in fields(cls)}
 ALL_KEYS = sorted(set(_KEY_TO_SECTION) | set(ALIASES) | set(NOT_YET) | set(FIXED) | set(IGNORED) | {"attn_mode"}
-                  | set(_cache_keys()) | set(LORA_KEYS))
+                  | set(_cache_keys()) | set(LORA_KEYS) | set(OFFLOAD_KEYS))
 
 
 def _check_int(obj, name: str, lo: int) -> None:
@@ -290,10 +291,26 @@ def build_config(defaults: dict[str, Any], json_values: dict[str, Any], override
     cache = CacheConfig.from_lightx2v({k: merged.pop(k) for k in list(merged) if k in cache_keys})
     lora_configs, lora_mode = merged.pop("lora_configs", None) or [], merged.pop("lora_mode", "merge")
     lora = LoRAConfig.from_lightx2v(lora_configs, mode=lora_mode)
+    from lightx2v.hooks.offload import OffloadConfig
+
+    off = {k: merged.pop(k) for k in OFFLOAD_KEYS if k in merged}
+    offload = OffloadConfig.from_lightx2v({k: v for k, v in off.items() if k != "num_prefetch"})
+    if "num_prefetch" in off:
+        from dataclasses import replace as _replace
+
+        offload = _replace(offload, num_prefetch=off["num_prefetch"])
     per_section: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
     for key, value in merged.items():
         per_section[_KEY_TO_SECTION[key]][key] = value
-    cfg = GeneratorConfig(**{s: _SECTIONS[s](**per_section[s]) for s in _SECTIONS}, cache=cache, lora=lora)
+    cfg = GeneratorConfig(**{s: _SECTIONS[s](**per_section[s]) for s in _SECTIONS}, cache=cache, lora=lora,
+                          offload=offload)
+    if offload.cpu_offload and offload.offload_granularity != "model" and cfg.runtime.use_compile:
+        raise UserError("use_compile cannot be combined with block/phase cpu_offload (the offload hooks swap the "
+                        "weights under the compiled graph); use one of them")
+    if offload.lazy_load and (cfg.checkpoint.dit_quant_scheme or lora.loras):
+        raise UserError("lazy_load reads block weights straight from disk: it cannot be combined with "
+                        "dit_quant_scheme quantizing at load time or with LoRAs (merge them into a checkpoint "
+                        "with `lightx2v convert` first)")
     if cfg.sampling.changing_resolution and cache.method != "NoCaching":
         raise UserError("feature_caching cannot be combined with changing_resolution (cached residuals have the "
                         "shape of one resolution)")

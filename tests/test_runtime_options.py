@@ -53,3 +53,21 @@ def test_runtime_option_errors():
         LightX2VPipeline().create_generator(**SMALL, cfg_batch="yes")
     with pytest.raises(UserError, match="t5_cpu_offload"):
         LightX2VPipeline().create_generator(**SMALL, t5_cpu_offload="true")
+
+
+@pytest.mark.parametrize("kw", [dict(offload_granularity="model"), dict(offload_granularity="block"),
+                                dict(offload_granularity="phase"), dict(offload_granularity="block", lazy_load=True)])
+def test_dit_offload_through_the_pipeline_is_exact(kw):
+    base = _frames(LightX2VPipeline().create_generator(**SMALL))
+    pipe = LightX2VPipeline().create_generator(**SMALL, cpu_offload=True, **kw)
+    assert torch.equal(_frames(pipe), base)
+    assert pipe.runner.offload.stats().copies > 0 or kw["offload_granularity"] == "model"
+
+
+def test_offload_option_errors():
+    with pytest.raises(UserError, match="offload_granularity"):
+        LightX2VPipeline().create_generator(**SMALL, cpu_offload=True, offload_granularity="layer")
+    with pytest.raises(UserError, match="use_compile cannot be combined"):
+        LightX2VPipeline().create_generator(**SMALL, cpu_offload=True, use_compile=True)
+    with pytest.raises(UserError, match="lazy_load"):
+        LightX2VPipeline().create_generator(**SMALL, cpu_offload=True, lazy_load=True, dit_quant_scheme="fp8")

@@ -89,9 +89,44 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * rot[None, :, None, :]).flatten(-2).to(x.dtype)
 
 
+# --- token chunking -------------------------------------------------------------------------------------------
+# The float32 temporaries of the norms, RoPE and residual updates, and the FFN's hidden activation, are several
+# times the size of the bf16 token tensor. Every one of these operations is independent per token, so computing
+# them over chunks of tokens gives the same values while keeping the temporaries small.
+
+def token_chunks(length: int, chunk: int | None) -> list[slice]:
+    if not chunk or length <= chunk:
+        return [slice(None)]
+    return [slice(s, min(s + chunk, length)) for s in range(0, length, chunk)]
+
+
+def modulate(x: torch.Tensor, shift, scale, eps: float, chunk: int | None) -> torch.Tensor:
+    """adaLN: LayerNorm(x) * (1 + scale) + shift, statistics in float32, result in x's dtype."""
+    chunks = token_chunks(x.shape[1], chunk)
+    if len(chunks) == 1:
+        return (layer_norm_f32(x, eps) * (1 + scale) + shift).to(x.dtype)
+    out = torch.empty_like(x)
+    for sl in chunks:
+        out[:, sl] = layer_norm_f32(x[:, sl], eps) * (1 + scale) + shift
+    return out
+
+
+def gated_add(x: torch.Tensor, y: torch.Tensor, gate, chunk: int | None) -> torch.Tensor:
+    """x + y * gate in float32, result in x's dtype."""
+    chunks = token_chunks(x.shape[1], chunk)
+    if len(chunks) == 1:
+        return (x.float() + y.float() * gate).to(x.dtype)
+    out = torch.empty_like(x)
+    for sl in chunks:
+        out[:, sl] = x[:, sl].float() + y[:, sl].float() * gate
+    return out
+
+
 # --- attention ------------------------------------------------------------------------------------------------
 
 class SelfAttention(nn.Module):
+    chunk_tokens: int | None = None  # RoPE over token chunks (set by WanDiT)
+
     def __init__(self, dim: int, num_heads: int, eps: float, attn: AttentionBackend):
         super().__init__()
         self.num_heads = num_heads
@@ -108,7 +143,13 @@ class SelfAttention(nn.Module):
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        chunks = token_chunks(q.shape[1], self.chunk_tokens)
+        if len(chunks) == 1:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        else:  # q and k are fresh tensors here: rotate them in place, chunk by chunk
+            for sl in chunks:
+                q[:, sl] = apply_rope(q[:, sl], rope[sl])
+                k[:, sl] = apply_rope(k[:, sl], rope[sl])
         return self.o(self.attn(q, k, v).flatten(2))
 
 
@@ -148,6 +189,8 @@ class CrossAttention(nn.Module):
 # --- the block ------------------------------------------------------------------------------------------------
 
 class WanBlock(nn.Module):
+    chunk_tokens: int | None = None  # elementwise work and the FFN over token chunks (set by WanDiT)
+
     def __init__(self, cfg: WanDiTConfig, attn: AttentionBackend):
         super().__init__()
         dim, eps = cfg.dim, cfg.eps
@@ -161,12 +204,18 @@ class WanBlock(nn.Module):
     def forward(self, x, e, context, context_img, rope):
         """x: [B, L, C]; e: [B, 6, C] float32 time projection; context(_img): [B, Lt(/Li), C]."""
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e).chunk(6, dim=1)  # [B, 1, C]
-        y = (layer_norm_f32(x, self.eps) * (1 + scale) + shift).to(x.dtype)
-        x = (x.float() + self.self_attn(y, rope).float() * gate).to(x.dtype)
+        n = self.chunk_tokens
+        y = modulate(x, shift, scale, self.eps, n)
+        x = gated_add(x, self.self_attn(y, rope), gate, n)
         x = x + self.cross_attn(self.norm3(x), context, context_img)
-        y = (layer_norm_f32(x, self.eps) * (1 + c_scale) + c_shift).to(x.dtype)
-        x = (x.float() + self.ffn(y).float() * c_gate).to(x.dtype)
-        return x
+        chunks = token_chunks(x.shape[1], n)
+        if len(chunks) == 1:
+            return gated_add(x, self.ffn(modulate(x, c_shift, c_scale, self.eps, None)), c_gate, None)
+        out = torch.empty_like(x)
+        for sl in chunks:  # the FFN's hidden activation ([L, ffn_dim]) is the largest: never whole
+            xs = x[:, sl]
+            out[:, sl] = xs.float() + self.ffn(modulate(xs, c_shift, c_scale, self.eps, None)).float() * c_gate
+        return out
 
 
 class Head(nn.Module):
@@ -215,7 +264,7 @@ class WanDiT(nn.Module):
     FLOAT32_PARAMS = ("time_embedding.", "time_projection.", "modulation", "norm3.", "img_emb.proj.0.",
                       "img_emb.proj.4.", "img_emb.emb_pos")
 
-    def __init__(self, cfg: WanDiTConfig, attn: AttentionBackend):
+    def __init__(self, cfg: WanDiTConfig, attn: AttentionBackend, chunk_tokens: int | None = 8192):
         super().__init__()
         self.cfg = cfg
         dim = cfg.dim
@@ -228,6 +277,13 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         self.img_emb = ImageProjection(cfg) if cfg.has_image_input else None
         self._rope_cache: dict = {}
+        self.set_chunk_tokens(chunk_tokens)
+
+    def set_chunk_tokens(self, chunk_tokens: int | None) -> None:
+        """Token chunk size for the per-token work inside the blocks (None: whole sequences). The values do not
+        depend on it except through the FFN's matrix products, whose row blocks a GEMM may round differently."""
+        for block in self.blocks:
+            block.chunk_tokens = block.self_attn.chunk_tokens = chunk_tokens
 
     @staticmethod
     def is_float32_param(name: str) -> bool:

@@ -156,8 +156,9 @@ class EncodeStage:
 class DenoiseStage:
     """TextEmbeds (+ ImageCond per resolution stage, seed, sampling settings) -> Latents."""
 
-    def __init__(self, dit, device: torch.device, cache=None, cfg_batch: bool = False):
+    def __init__(self, dit, device: torch.device, cache=None, cfg_batch: bool = False, offload=None):
         self.dit, self.device = dit, device
+        self.offload = offload  # an offload handle (lightx2v.hooks.offload) or None
         self.cache = cache  # a feature-caching hook (lightx2v.hooks.caching) or None
         self.cfg_batch = cfg_batch and cache is None  # caching keeps per-branch state: one branch per forward
 
@@ -202,9 +203,16 @@ class DenoiseStage:
             v = v_null + s.guidance_scale * (v - v_null)
         return v
 
-    @torch.inference_mode()
     def __call__(self, text: TextEmbeds, images: list[ImageCond] | None, seed: int, s: SamplingConfig,
                  progress: bool = True) -> Latents:
+        if self.offload is None:
+            return self._denoise(text, images, seed, s, progress)
+        with self.offload.resident():  # weights (or their slots) on the GPU only for the loop
+            return self._denoise(text, images, seed, s, progress)
+
+    @torch.inference_mode()
+    def _denoise(self, text: TextEmbeds, images: list[ImageCond] | None, seed: int, s: SamplingConfig,
+                 progress: bool) -> Latents:
         # The initial noise is drawn exactly as diffusers' Wan pipelines draw it: float32, on a CPU generator.
         # With changing_resolution, one noise per stage is drawn in stage order (the full-size one last); the
         # step-distill sampler draws its re-noising noise from the same generator, so a seed fixes everything.
@@ -279,9 +287,18 @@ class WanRunner:
         from lightx2v.ops.quant import resolve_scheme
 
         weights = cfg.checkpoint.dit_original_ckpt
-        dit = load_dit(self.root, self.layout, attn=attn, device=dev, dtype=dt,
-                       weights_file=Path(weights) if weights else None,
-                       quant_scheme=resolve_scheme(cfg.checkpoint.dit_quant_scheme))
+        off = cfg.offload
+        if off.lazy_load:  # block weights stay on disk; only the rest is loaded
+            from lightx2v.hooks.offload import load_dit_without_blocks
+
+            if weights:
+                raise UserError("lazy_load with dit_original_ckpt is not supported; convert the file into a "
+                                "checkpoint folder with `lightx2v convert` first")
+            dit = load_dit_without_blocks(self.root, self.layout, attn=attn, device=dev, dtype=dt)
+        else:
+            dit = load_dit(self.root, self.layout, attn=attn, device="cpu" if off.cpu_offload else dev, dtype=dt,
+                           weights_file=Path(weights) if weights else None,
+                           quant_scheme=resolve_scheme(cfg.checkpoint.dit_quant_scheme))
 
         # Runtime features, attached from outside the model.
         self.lora = None
@@ -295,6 +312,12 @@ class WanRunner:
 
             cache = apply_feature_caching(dit, cfg.cache)
 
+        self.offload = None
+        if off.cpu_offload:  # after LoRA merging (offloaded weights are read-only)
+            from lightx2v.hooks.offload import apply_offload
+
+            self.offload = apply_offload(dit, off, dev, weights_source=(self.root, self.layout))
+            self.offload.offload()  # nothing on the GPU until the denoising loop
         if rt.use_compile:
             from lightx2v.hooks.compile import apply_compile
 
@@ -302,7 +325,8 @@ class WanRunner:
         cfg_batch = rt.cfg_batch if isinstance(rt.cfg_batch, bool) else dev.type == "cuda"
 
         self.encode = EncodeStage(text_slot, dev, image_slot, vae_slot if image_input else None)
-        self.denoise = DenoiseStage(dit, dev, cache, cfg_batch=cfg_batch)
+        self.denoise = DenoiseStage(dit, dev, cache, cfg_batch=cfg_batch and not off.cpu_offload,
+                                    offload=self.offload)
         self.decode = DecodeStage(vae_slot, dev)
 
     def run(self, prompt: str, negative_prompt: str, seed: int, images: list | None = None,

@@ -11,13 +11,20 @@ Attention goes only through ``lightx2v.ops.attention`` (resolved once, at build 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lightx2v.models.wan.arch import CLIP_TOKENS, WanDiTConfig
+from lightx2v.ops import triton as fused
 from lightx2v.ops.attention import AttentionBackend
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    """The fused Triton kernels of lightx2v.ops.triton (one memory pass, same math) run on CUDA tensors."""
+    return x.is_cuda and fused.available()
 
 
 # --- small pieces ---------------------------------------------------------------------------------------------
@@ -31,6 +38,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused(x):
+            return fused.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
@@ -102,6 +111,8 @@ def token_chunks(length: int, chunk: int | None) -> list[slice]:
 
 def modulate(x: torch.Tensor, shift, scale, eps: float, chunk: int | None) -> torch.Tensor:
     """adaLN: LayerNorm(x) * (1 + scale) + shift, statistics in float32, result in x's dtype."""
+    if use_fused(x):
+        return fused.norm_modulate(x, shift, scale, eps)
     chunks = token_chunks(x.shape[1], chunk)
     if len(chunks) == 1:
         return (layer_norm_f32(x, eps) * (1 + scale) + shift).to(x.dtype)
@@ -113,6 +124,8 @@ def modulate(x: torch.Tensor, shift, scale, eps: float, chunk: int | None) -> to
 
 def gated_add(x: torch.Tensor, y: torch.Tensor, gate, chunk: int | None) -> torch.Tensor:
     """x + y * gate in float32, result in x's dtype."""
+    if use_fused(x):
+        return fused.gated_residual(x, y, gate)
     chunks = token_chunks(x.shape[1], chunk)
     if len(chunks) == 1:
         return (x.float() + y.float() * gate).to(x.dtype)
@@ -120,6 +133,14 @@ def gated_add(x: torch.Tensor, y: torch.Tensor, gate, chunk: int | None) -> torc
     for sl in chunks:
         out[:, sl] = x[:, sl].float() + y[:, sl].float() * gate
     return out
+
+
+class Rope(NamedTuple):
+    """The RoPE table of one token grid: complex rotations [L, D/2] and their cos / sin (float32)."""
+
+    rot: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 # --- attention ------------------------------------------------------------------------------------------------
@@ -138,8 +159,15 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
         self.attn = attn
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: "Rope") -> torch.Tensor:
         """x: [B, L, C] -> [B, L, C]."""
+        if use_fused(x):  # q/k: RMSNorm and RoPE in one pass, in place
+            q = fused.rms_norm_rope_(self.q(x).unflatten(-1, (self.num_heads, -1)), self.norm_q.weight,
+                                     self.norm_q.eps, rope.cos, rope.sin)
+            k = fused.rms_norm_rope_(self.k(x).unflatten(-1, (self.num_heads, -1)), self.norm_k.weight,
+                                     self.norm_k.eps, rope.cos, rope.sin)
+            return self.o(self.attn(q, k, self.v(x).unflatten(-1, (self.num_heads, -1))).flatten(2))
+        rope = rope.rot
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
@@ -214,7 +242,11 @@ class WanBlock(nn.Module):
         out = torch.empty_like(x)
         for sl in chunks:  # the FFN's hidden activation ([L, ffn_dim]) is the largest: never whole
             xs = x[:, sl]
-            out[:, sl] = xs.float() + self.ffn(modulate(xs, c_shift, c_scale, self.eps, None)).float() * c_gate
+            h = self.ffn(modulate(xs, c_shift, c_scale, self.eps, None))
+            if use_fused(xs):
+                fused.gated_residual(xs, h, c_gate, out=out[:, sl])
+            else:
+                out[:, sl] = xs.float() + h.float() * c_gate
         return out
 
 
@@ -299,10 +331,11 @@ class WanDiT(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
 
-    def rope(self, grid: tuple[int, int, int], device) -> torch.Tensor:
+    def rope(self, grid: tuple[int, int, int], device) -> "Rope":
         key = (grid, str(device))
         if key not in self._rope_cache:
-            self._rope_cache = {key: rope_tables(self.cfg.head_dim, grid, device)}
+            rot = rope_tables(self.cfg.head_dim, grid, device)
+            self._rope_cache = {key: Rope(rot, rot.real.contiguous(), rot.imag.contiguous())}
         return self._rope_cache[key]
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

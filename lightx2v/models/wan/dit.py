@@ -23,8 +23,9 @@ from lightx2v.ops.attention import AttentionBackend
 
 
 def use_fused(x: torch.Tensor) -> bool:
-    """The fused Triton kernels of lightx2v.ops.triton (one memory pass, same math) run on CUDA tensors."""
-    return x.is_cuda and fused.available()
+    """The fused Triton kernels of lightx2v.ops.triton (one memory pass, same math) run on CUDA tensors; under
+    torch.compile the compiler fuses the eager ops itself."""
+    return x.is_cuda and fused.available() and not torch.compiler.is_compiling()
 
 
 # --- small pieces ---------------------------------------------------------------------------------------------

@@ -1,0 +1,167 @@
+"""Per-step time of the Wan2.1 DiT in each speed mode against diffusers, in one process (speed issue).
+
+Modes: bf16 + torch_sdpa, bf16 + sage_attn, fp8 + sage_attn, int8 + sage_attn, each eager and with regional
+torch.compile; diffusers' WanTransformer3DModel eager as the reference. Same random weights (a rebuilt model with the
+same seed has the same weights) and inputs. A step is CFG: ours as one batch of 2 (our runner's default on GPU),
+diffusers as two forwards (its pipeline). Accuracy: relative L2 of each mode's output against ours bf16 + SDPA.
+
+    python bench/bench_speed.py --models 14b-i2v 1.3b --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import re
+import time
+
+import torch
+
+from real_size import build_dit
+
+from lightx2v.models.wan.checkpoint import dit_key_to_diffusers
+
+MODELS = {"1.3b": "wan2.1-t2v-1.3b", "14b-i2v": "wan2.1-i2v-14b"}
+FP32_MODULES = re.compile(r"(time_embedder|scale_shift_table|norm1|norm2|norm3)")
+
+
+def inputs(cfg):
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(1, cfg.in_dim, 21, 60, 104, device="cuda", generator=g)
+    ctx = torch.randn(2, 512, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+    ctx[0, 24:], ctx[1, 8:] = 0, 0
+    clip = torch.randn(1, 257, 1280, device="cuda", generator=g, dtype=torch.bfloat16) if cfg.has_image_input \
+        else None
+    return x, torch.tensor([700.0], device="cuda"), ctx, clip
+
+
+def ours_step(dit, inp):
+    x, t, ctx, clip = inp
+    clip2 = None if clip is None else torch.cat([clip, clip])
+    return lambda: dit(torch.cat([x, x]), t.expand(2), ctx, clip2)
+
+
+def diffusers_model(dit):
+    """diffusers' model on the same weights (renamed, shared where dtypes agree)."""
+    import diffusers
+
+    kwargs = {k: v for k, v in dit.cfg.to_diffusers_config().items() if not k.startswith("_")}
+    with torch.device("meta"):
+        ref = diffusers.WanTransformer3DModel(**kwargs)
+    sd = {dit_key_to_diffusers(k): v for k, v in dit.state_dict().items()}
+    sd = {k: v.float() if FP32_MODULES.search(k) else v.to(torch.bfloat16) for k, v in sd.items()}
+    ref.load_state_dict(sd, assign=True, strict=True)
+    with torch.device("cuda"):  # rope buffers are not in the state dict: rebuild them
+        ref.rope = type(ref.rope)(kwargs["attention_head_dim"], kwargs["patch_size"], kwargs["rope_max_seq_len"])
+    return ref.eval()
+
+
+def diffusers_step(ref, inp):
+    x, t, ctx, clip = inp
+
+    def step():
+        a = ref(x.to(torch.bfloat16), t, ctx[:1], encoder_hidden_states_image=clip, return_dict=False)[0]
+        ref(x.to(torch.bfloat16), t, ctx[1:], encoder_hidden_states_image=clip, return_dict=False)
+        return a
+    return step
+
+
+@torch.inference_mode()
+def timed(fn, steps):
+    out = fn()  # warm-up (and compilation)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps, out
+
+
+def rel(a, b):
+    a, b = a.float()[:1], b.float()[:1]
+    return ((a - b).norm() / b.norm()).item()
+
+
+def run(key, steps, compile_modes, rows):
+    from lightx2v.hooks.compile import apply_compile, remove_compile
+    from lightx2v.ops.attention import get_attention_backend
+    from lightx2v.ops.quant import apply_quantization
+
+    preset = MODELS[key]
+    dit = build_dit(preset)
+    inp = inputs(dit.cfg)
+    ref = diffusers_model(dit)
+    d_s, d_out = timed(diffusers_step(ref, inp), steps)
+    del ref
+    gc.collect(), torch.cuda.empty_cache()
+    base = None
+
+    def record(mode, compiled):
+        nonlocal base
+        if compiled:
+            apply_compile(dit)
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            s, out = timed(ours_step(dit, inp), steps)
+        except Exception as e:  # report and go on
+            rows.append({"model": preset, "mode": mode + (" + compile" if compiled else ""), "error": repr(e)[:120]})
+            print(rows[-1], flush=True)
+            return
+        finally:
+            if compiled:
+                remove_compile(dit)
+        base = out if base is None else base
+        rows.append({"model": preset, "mode": mode + (" + compile" if compiled else ""), "s/step": s,
+                     "vs diffusers": s / d_s, "rel L2 vs bf16 exact": rel(out, base),
+                     "peak GiB": torch.cuda.max_memory_allocated() / 2**30})
+        print(rows[-1], flush=True)
+
+    rows.append({"model": preset, "mode": "diffusers eager (2 forwards)", "s/step": d_s, "vs diffusers": 1.0})
+    print(rows[-1], flush=True)
+
+    def set_attention(name):
+        backend = get_attention_backend(name, dtype=torch.bfloat16, head_dim=dit.cfg.head_dim,
+                                        device=torch.device("cuda"))
+        for block in dit.blocks:
+            block.self_attn.attn = block.cross_attn.attn = backend
+
+    for quant in (None, "fp8", "int8"):
+        if quant:
+            del dit
+            gc.collect(), torch.cuda.empty_cache()
+            dit = apply_quantization(build_dit(preset), quant)
+            gc.collect(), torch.cuda.empty_cache()
+        for attn in (["torch_sdpa", "sage_attn"] if quant is None else ["sage_attn"]):
+            try:
+                set_attention(attn)
+            except Exception as e:
+                rows.append({"model": preset, "mode": f"{quant or 'bf16'} + {attn}", "error": str(e)[:120]})
+                continue
+            for compiled in compile_modes:
+                record(f"{quant or 'bf16'} + {attn}", compiled)
+    del dit
+    gc.collect(), torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["14b-i2v", "1.3b"], choices=list(MODELS))
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--no_compile", action="store_true")
+    args = ap.parse_args()
+    import diffusers
+
+    print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | diffusers {diffusers.__version__} | "
+          "480x832x81, CFG", flush=True)
+    rows = []
+    for key in args.models:
+        run(key, args.steps, [False] if args.no_compile else [False, True], rows)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols)
+              + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ built, not in the middle of a generation.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +27,8 @@ class AttentionBackend:
     dtypes: tuple[torch.dtype, ...]
     max_head_dim: int
     needs_cuda: bool = False
+    # further requirements (packages, GPU generation): raises UserError when the backend cannot run on `device`
+    requires: Callable[[torch.device], None] | None = None
     min_capability: tuple[int, int] | None = None  # CUDA compute capability, e.g. (9, 0) for Hopper
     available: Callable[[], bool] | None = None  # whether the package it needs is installed
     missing_hint: str = ""
@@ -41,6 +44,8 @@ class AttentionBackend:
             raise UserError(f"attention backend {self.name!r} supports head_dim <= {self.max_head_dim}, got {head_dim}")
         if self.needs_cuda and device.type != "cuda":
             raise UserError(f"attention backend {self.name!r} needs a CUDA GPU, but the model runs on {device}")
+        if self.requires is not None:
+            self.requires(device)
         if self.min_capability is not None and device.type == "cuda":
             cap = torch.cuda.get_device_capability(device)
             if cap < self.min_capability:
@@ -49,6 +54,22 @@ class AttentionBackend:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.fn(q, k, v)
+
+
+def _sage_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from lightx2v.ops.attention.sage import sage_attention  # on first use: triton is optional and slow to import
+
+    return sage_attention(q, k, v)
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _sage_attn_requires(device: torch.device) -> None:
+    from lightx2v.ops.attention.sage import check_sage_available
+
+    check_sage_available(device)  # triton importable, an NVIDIA GPU with FP8 tensor cores
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -62,6 +83,10 @@ _BACKENDS: dict[str, AttentionBackend] = {
     "flash_attn3": AttentionBackend("flash_attn3", flash_attn3_attention, _HALF, max_head_dim=256, needs_cuda=True,
                                     min_capability=(9, 0), available=flash_attn3_available,
                                     missing_hint=" (FlashAttention 3's flash_attn_interface, Hopper only)"),
+    # our INT8 Q.K^T + FP8 P.V Triton kernel (lightx2v/ops/attention/sage.py): NVIDIA sm_89+, needs triton
+    "sage_attn": AttentionBackend("sage_attn", _sage_attn, _HALF, max_head_dim=128, needs_cuda=True,
+                                  available=_triton_installed, missing_hint=" (it needs triton: pip install triton)",
+                                  requires=_sage_attn_requires),
 }
 
 

@@ -39,7 +39,7 @@ ALIASES = {
 
 # Keys of features that later versions implement: accepted while they ask for nothing (value is off/empty).
 NOT_YET = {
-    "use_tiling_vae": False, "mm_config": None, "parallel": None,
+    "mm_config": None, "parallel": None,
     "t5_quantized": False, "clip_quantized": False, "use_prompt_enhancer": False,
 }
 # LightX2V keys whose value is fixed for Wan2.1: accepted only with that value.
@@ -154,9 +154,11 @@ class RuntimeConfig:
     clip_cpu_offload: bool = False
     vae_cpu_offload: bool = False
     unload_modules: bool = False  # load encoders/VAE per use and free them after
+    use_tiling_vae: bool = False  # VAE encode/decode in overlapping spatial tiles (low memory for large videos)
 
     def __post_init__(self):
-        for name in ("use_compile", "t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload", "unload_modules"):
+        for name in ("use_compile", "t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload", "unload_modules",
+                     "use_tiling_vae"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.cfg_batch not in (True, False, "auto"):

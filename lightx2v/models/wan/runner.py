@@ -97,9 +97,9 @@ class EncodeStage:
     """prompt(s) (+ image(s)) -> TextEmbeds (+ ImageCond)."""
 
     def __init__(self, text_encoder: ComponentSlot, device: torch.device, image_encoder: ComponentSlot | None = None,
-                 vae: ComponentSlot | None = None):
+                 vae: ComponentSlot | None = None, tiling=None):
         self.text_encoder, self.image_encoder, self.vae = text_encoder, image_encoder, vae
-        self.device = device
+        self.device, self.tiling = device, tiling
 
     @torch.inference_mode()
     def text(self, prompt: str, negative_prompt: str, do_cfg: bool) -> TextEmbeds:
@@ -139,7 +139,7 @@ class EncodeStage:
         video[:, :, 0] = pixels[0][0]
         if len(pixels) == 2:
             video[:, :, f - 1] = pixels[1][0]
-        z = vae.encode(video.to(self.device, vae.dtype)).float()  # [1, z, T, h, w], normalised
+        z = vae.encode(video.to(self.device, vae.dtype), tiling=self.tiling).float()  # [1, z, T, h, w], normalised
 
         # Frame mask: 1 on the given frames. The first frame's flag is repeated VAE_TEMPORAL times so that every
         # latent frame carries VAE_TEMPORAL flags -> [1, 4, T, h, w].
@@ -243,13 +243,13 @@ class DenoiseStage:
 class DecodeStage:
     """Latents -> Frames."""
 
-    def __init__(self, vae: ComponentSlot, device: torch.device):
-        self.vae, self.device = vae, device
+    def __init__(self, vae: ComponentSlot, device: torch.device, tiling=None):
+        self.vae, self.device, self.tiling = vae, device, tiling
 
     @torch.inference_mode()
     def __call__(self, latents: Latents, fps: int) -> Frames:
-        with self.vae.use() as vae:
-            video = vae.decode(latents.latents.to(self.device, vae.dtype))  # [1, 3, F, H, W] in [-1, 1]
+        with self.vae.use() as vae:  # -> [1, 3, F, H, W] in [-1, 1]
+            video = vae.decode(latents.latents.to(self.device, vae.dtype), tiling=self.tiling)
         frames = (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu()  # [F, H, W, 3]
         return Frames(frames=frames, fps=fps)
 
@@ -324,10 +324,13 @@ class WanRunner:
             apply_compile(dit, mode=rt.compile_mode)
         cfg_batch = rt.cfg_batch if isinstance(rt.cfg_batch, bool) else dev.type == "cuda"
 
-        self.encode = EncodeStage(text_slot, dev, image_slot, vae_slot if image_input else None)
+        from lightx2v.models.wan.vae import TilingConfig
+
+        tiling = TilingConfig() if rt.use_tiling_vae else None
+        self.encode = EncodeStage(text_slot, dev, image_slot, vae_slot if image_input else None, tiling)
         self.denoise = DenoiseStage(dit, dev, cache, cfg_batch=cfg_batch and not off.cpu_offload,
                                     offload=self.offload)
-        self.decode = DecodeStage(vae_slot, dev)
+        self.decode = DecodeStage(vae_slot, dev, tiling)
 
     def run(self, prompt: str, negative_prompt: str, seed: int, images: list | None = None,
             progress: bool = True) -> tuple[Frames, dict]:

@@ -497,7 +497,7 @@ if triton is not None:
             w, s = cfg.num_warps, cfg.num_stages
             if bm == 64 and w == 8:  # 64 rows are one warpgroup's wgmma; 8 warps would split the head dim
                 continue
-            if dp >= 128 and bm == 128 and w == 4:  # 128 rows x 128 channels in one warpgroup: spills (ptxas)
+            if bm == 128 and w == 4 and (dp >= 128 or bn == 128):  # too much for one warpgroup: spills (ptxas)
                 continue
             if dp <= 64 and s == 2 and bn == 64:  # short loop bodies want deeper pipelines
                 continue
@@ -619,6 +619,7 @@ def sage_attention_quantized(qz: SageQuantized, *, out_dtype: torch.dtype = torc
     return out
 
 
+@torch.compiler.disable  # Triton launches with autotuning and TMA descriptors: an opaque call under torch.compile
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: dict | None = None,
                    pv_fp8: bool = True, two_level: bool = True, magic_i2f: bool = True,
                    use_tma: bool | None = None, q_per_token: bool = True) -> torch.Tensor:

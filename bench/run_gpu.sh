@@ -1,13 +1,33 @@
 #!/usr/bin/env bash
-# One GPU session: install the carried wheels, run the GPU tests and the whole suite, then the DiT benchmark.
-# Usage (on the GPU machine, from the repo root): bash bench/run_gpu.sh [bench args...]
+# GPU session helper: install the carried wheels, then run what is asked.
+# Usage (on the GPU machine, from the repo root): bash bench/run_gpu.sh PART...
+#   tests   the GPU-marked tests          dit     bench_dit (ours vs diffusers)
+#   kernels bench_kernels                 attn    bench_attention
+#   e2e     bench_e2e --part e2e          caching bench_e2e --part caching
+#   speed   bench_speed                   offload bench_offload
+#   all-tests  the whole suite on the GPU machine
 set -uo pipefail
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 LIGHTX2V_CACHE_DIR=/tmp/lightx2v-cache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -m pytest -q -x tests 2>&1 | tail -n 25 | tee "$OUT/pytest.log"
-python3 bench/bench_dit.py "$@" 2>&1 | tee "$OUT/bench_dit.log"
+cd bench
+for part in "$@"; do
+  echo "=== $part"
+  case $part in
+    tests) (cd .. && python3 -m pytest -q -m gpu -rs tests 2>&1 | tail -n 30) ;;
+    all-tests) (cd .. && python3 -m pytest -q -x tests 2>&1 | tail -n 30) ;;
+    dit) python3 bench_dit.py --steps 2 ;;
+    kernels) python3 bench_kernels.py ;;
+    attn) python3 bench_attention.py ;;
+    e2e) python3 bench_e2e.py --part e2e ;;
+    caching) python3 bench_e2e.py --part caching ;;
+    speed) python3 bench_speed.py --steps 2 ;;
+    offload) python3 bench_offload.py ;;
+  esac 2>&1 | tee "$OUT/$part.log"
+done

@@ -271,16 +271,21 @@ def _interpreter_checks() -> dict:
         }
     res["preprocess"] = pre
 
-    # the attention kernel against the reference, on the SAME quantized operands
-    q, k, v = outlier_qkv(1, 80, 80, 2, 64, dtype=torch.float16, seed=12)
-    qz = S.sage_quantize(q, k, v)
+    # the attention kernel against the reference, on the SAME quantized operands; L=80: one tile (+ ragged
+    # tail), 200 x 300: several tiles (the loops, the prefetch pipeline) and a ragged tail
     kern = {}
-    for bm, bn in ((64, 64), (128, 128), (64, 128), (128, 64)):
-        for variant, kw in {"default": {}, "no_magic": {"magic_i2f": False}, "fused_acc": {"two_level": False},
-                            "tma": {"use_tma": True}}.items():
-            ref = S.sage_attention_core_reference(qz, block_n=bn, magic_i2f=kw.get("magic_i2f", True))
-            out = S.sage_attention_quantized(qz, out_dtype=torch.float32, config=dict(BLOCK_M=bm, BLOCK_N=bn), **kw)
-            kern[f"{bm}x{bn}/{variant}"] = rel_l2(out, ref)
+    variants = {"default": {}, "no_magic": {"magic_i2f": False}, "fused_acc": {"two_level": False},
+                "tma": {"use_tma": True}, "prefetch": {"prefetch": True},
+                "prefetch_tma_nomagic": {"prefetch": True, "use_tma": True, "magic_i2f": False}}
+    for Lq, Lk in ((80, 80), (200, 300)):
+        q, k, v = outlier_qkv(1, Lq, Lk, 2, 64, dtype=torch.float16, seed=12)
+        qz = S.sage_quantize(q, k, v)
+        for bm, bn in ((64, 64), (128, 128), (64, 128), (128, 64)):
+            for variant, kw in variants.items():
+                ref = S.sage_attention_core_reference(qz, block_n=bn, magic_i2f=kw.get("magic_i2f", True))
+                out = S.sage_attention_quantized(qz, out_dtype=torch.float32, config=dict(BLOCK_M=bm, BLOCK_N=bn),
+                                                 **kw)
+                kern[f"{Lq}x{Lk}/{bm}x{bn}/{variant}"] = rel_l2(out, ref)
     qz16 = S.sage_quantize(q, k, v, pv_dtype=torch.float16)
     ref = S.sage_attention_core_reference(qz16, block_n=64)
     out = S.sage_attention_quantized(qz16, out_dtype=torch.float32, config=dict(BLOCK_M=64, BLOCK_N=64))
@@ -346,7 +351,8 @@ def test_interpreter_preprocess_matches_reference(interp, case):
 
 def test_interpreter_attention_kernel_matches_reference(interp):
     # same quantized operands: the kernel reproduces the reference up to fp32 rounding, for every tile shape
-    # (incl. the ragged last tile: L=80), with and without I2F-free conversion, two-level accumulation, TMA
+    # (incl. the ragged last tile), with and without I2F-free conversion, two-level accumulation, TMA, prefetch
+    assert len(interp["kernel_vs_reference"]) == 2 * 4 * 6 + 1
     for name, err in interp["kernel_vs_reference"].items():
         assert err < 1e-5, (name, err)
 
@@ -397,6 +403,8 @@ class TestSageGPU:
                         (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8), {}),
                         (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4), {}),
                         (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8), {"use_tma": True}),
+                        (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8), {"prefetch": True}),
+                        (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8), {"prefetch": True, "use_tma": True}),
                         (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8), {"magic_i2f": False})]:
             o = S.sage_attention(q, k, v, config=cfg, **kw)
             r = S.sage_attention_reference(q, k, v, block_n=cfg["BLOCK_N"], magic_i2f=kw.get("magic_i2f", True))
@@ -408,6 +416,7 @@ class TestSageGPU:
         (1000, 333, 64, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3), {}),
         (777, 2048, 80, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3), {}),
         (130, 4097, 128, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2), {"use_tma": True}),
+        (300, 1000, 128, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3), {"prefetch": True}),
     ])
     def test_ragged_cross_and_head_dims(self, Lq, Lk, D, cfg, kw):
         import lightx2v.ops.attention.sage as S

@@ -39,6 +39,11 @@ The math (every step below is mirrored by :func:`sage_attention_reference`, in p
   (``bias - 1.5 * 2**23 * c``, exact because ``c`` is cut to 22 significant bits): the softmax stays exact up
   to fp32 rounding, and the PyTorch reference reproduces the kernel to ~1e-7.
 
+* **Optional: scores one tile ahead** (``prefetch``): the int8 MMA of tile j+1 is issued before the softmax
+  of tile j, so the tensor cores run while the warps do exp2 (FlashAttention-3's intra-warpgroup overlap,
+  obtained by program order; in the sm_90 SASS the IGMMAs of the next tile interleave with the MUFU.EX2 of
+  the current one). Costs the registers of a second score tile.
+
 Kernels: one launch for K/V statistics (partial sums / max / min per chunk of tokens; a few tiny PyTorch
 reductions finish them), one that quantizes Q, one that smooths and quantizes K and V, and the attention
 kernel (autotuned over block sizes, warps and pipeline stages, keyed on head dim and sequence lengths).
@@ -391,12 +396,11 @@ if triton is not None:
         tl.store(VT + (bh * HEAD_DIM_P + offs_d)[:, None] * Lk_pad + rows[None, :], yt)
 
     @triton.jit
-    def _sage_attn_tile(acc, l_i, o_i, q, qs, k, vt, ks, start_n, Lk,
-                        BLOCK_N: tl.constexpr, MASK: tl.constexpr, TWO_LEVEL: tl.constexpr,
-                        MAGIC: tl.constexpr, EMULATE_FP8: tl.constexpr):
-        """One tile of keys: online softmax update of (acc, l, o); ``o`` is the log2 offset the running
-        ``acc`` and ``l`` are scaled by (``p = exp2(S - o)``, o ~ row max - P_LOG2)."""
-        s = tl.dot(q, tl.trans(k))  # int32, exact
+    def _sage_softmax_pv(acc, l_i, o_i, s, qs, ks, vt, start_n, Lk,
+                         BLOCK_N: tl.constexpr, MASK: tl.constexpr, TWO_LEVEL: tl.constexpr,
+                         MAGIC: tl.constexpr, EMULATE_FP8: tl.constexpr):
+        """One tile of keys, given its int32 scores ``s``: online softmax update of (acc, l, o); ``o`` is the
+        log2 offset the running ``acc`` and ``l`` are scaled by (``p = exp2(S - o)``, o ~ row max - P_LOG2)."""
         # log2 units per integer unit, per query row; 22 significant bits, so that off * c below is exact
         c = ((qs * ks).to(tl.int32, bitcast=True) & -4).to(tl.float32, bitcast=True)
         if MAGIC:
@@ -425,13 +429,39 @@ if triton is not None:
         return acc, l_i, o_new
 
     @triton.jit
+    def _sage_attn_tile(acc, l_i, o_i, q, qs, k, vt, ks, start_n, Lk,
+                        BLOCK_N: tl.constexpr, MASK: tl.constexpr, TWO_LEVEL: tl.constexpr,
+                        MAGIC: tl.constexpr, EMULATE_FP8: tl.constexpr):
+        s = tl.dot(q, tl.trans(k))  # int32, exact
+        return _sage_softmax_pv(acc, l_i, o_i, s, qs, ks, vt, start_n, Lk, BLOCK_N, MASK, TWO_LEVEL, MAGIC,
+                                EMULATE_FP8)
+
+    @triton.jit
+    def _sage_load_k(K8, k_ptrs, ks_ptr, bh, Lk_pad, start_n,
+                     HEAD_DIM_P: tl.constexpr, KBLK: tl.constexpr, USE_TMA: tl.constexpr):
+        if USE_TMA:
+            k = K8.load([bh * Lk_pad + start_n, 0])
+        else:
+            k = tl.load(k_ptrs + start_n * HEAD_DIM_P)
+        return k, tl.load(ks_ptr + start_n // KBLK)
+
+    @triton.jit
+    def _sage_load_v(VT, vt_ptrs, bh, start_n, HEAD_DIM_P: tl.constexpr, USE_TMA: tl.constexpr):
+        if USE_TMA:
+            vt = VT.load([bh * HEAD_DIM_P, start_n])
+        else:
+            vt = tl.load(vt_ptrs + start_n)
+        return vt
+
+    @triton.jit
     def _sage_attn_fwd_kernel(Q8, QS, K8, KS, VT, VS, VM, O,
                               Lq, Lk, H, Lq_pad, Lk_pad,
                               stride_ob, stride_ol, stride_oh, stride_od,
                               TUNE_LQ, TUNE_LK,
                               HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, KBLK: tl.constexpr,
                               TWO_LEVEL: tl.constexpr, MAGIC: tl.constexpr, EMULATE_FP8: tl.constexpr,
-                              USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                              USE_TMA: tl.constexpr, PREFETCH: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         tl.static_assert(KBLK % BLOCK_N == 0)
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -444,6 +474,8 @@ if triton is not None:
 
         if USE_TMA:
             q = Q8.load([bh * Lq_pad + start_m * BLOCK_M, 0])
+            k_ptrs = 0
+            vt_ptrs = 0
         else:
             q = tl.load(Q8 + (bh64 * Lq_pad + offs_m)[:, None] * HEAD_DIM_P + offs_d[None, :])
             k_ptrs = K8 + (bh64 * Lk_pad + offs_n)[:, None] * HEAD_DIM_P + offs_d[None, :]
@@ -456,24 +488,32 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
 
         n_full = (Lk // BLOCK_N) * BLOCK_N
-        for start_n in range(0, n_full, BLOCK_N):
-            if USE_TMA:
-                k = K8.load([bh * Lk_pad + start_n, 0])
-                vt = VT.load([bh * HEAD_DIM_P, start_n])
-            else:
-                k = tl.load(k_ptrs + start_n * HEAD_DIM_P)
-                vt = tl.load(vt_ptrs + start_n)
-            ks = tl.load(ks_ptr + start_n // KBLK)
-            acc, l_i, o_i = _sage_attn_tile(acc, l_i, o_i, q, qs, k, vt, ks, start_n, Lk,
-                                            BLOCK_N, False, TWO_LEVEL, MAGIC, EMULATE_FP8)
+        if PREFETCH:
+            # the scores of tile j+1 are issued (async wgmma) before the softmax of tile j, so that the tensor
+            # cores work while the warps do exp2 (FA3's intra-warpgroup overlap, by program order)
+            if n_full > 0:
+                k, ks = _sage_load_k(K8, k_ptrs, ks_ptr, bh, Lk_pad, 0, HEAD_DIM_P, KBLK, USE_TMA)
+                s = tl.dot(q, tl.trans(k))
+                for start_n in range(BLOCK_N, n_full, BLOCK_N):
+                    k, ks_next = _sage_load_k(K8, k_ptrs, ks_ptr, bh, Lk_pad, start_n, HEAD_DIM_P, KBLK, USE_TMA)
+                    s_next = tl.dot(q, tl.trans(k))
+                    vt = _sage_load_v(VT, vt_ptrs, bh, start_n - BLOCK_N, HEAD_DIM_P, USE_TMA)
+                    acc, l_i, o_i = _sage_softmax_pv(acc, l_i, o_i, s, qs, ks, vt, start_n - BLOCK_N, Lk,
+                                                     BLOCK_N, False, TWO_LEVEL, MAGIC, EMULATE_FP8)
+                    s = s_next
+                    ks = ks_next
+                vt = _sage_load_v(VT, vt_ptrs, bh, n_full - BLOCK_N, HEAD_DIM_P, USE_TMA)
+                acc, l_i, o_i = _sage_softmax_pv(acc, l_i, o_i, s, qs, ks, vt, n_full - BLOCK_N, Lk,
+                                                 BLOCK_N, False, TWO_LEVEL, MAGIC, EMULATE_FP8)
+        else:
+            for start_n in range(0, n_full, BLOCK_N):
+                k, ks = _sage_load_k(K8, k_ptrs, ks_ptr, bh, Lk_pad, start_n, HEAD_DIM_P, KBLK, USE_TMA)
+                vt = _sage_load_v(VT, vt_ptrs, bh, start_n, HEAD_DIM_P, USE_TMA)
+                acc, l_i, o_i = _sage_attn_tile(acc, l_i, o_i, q, qs, k, vt, ks, start_n, Lk,
+                                                BLOCK_N, False, TWO_LEVEL, MAGIC, EMULATE_FP8)
         if n_full < Lk:  # ragged last tile (its padding is zeros in memory, masked to -inf in S)
-            if USE_TMA:
-                k = K8.load([bh * Lk_pad + n_full, 0])
-                vt = VT.load([bh * HEAD_DIM_P, n_full])
-            else:
-                k = tl.load(k_ptrs + n_full * HEAD_DIM_P)
-                vt = tl.load(vt_ptrs + n_full)
-            ks = tl.load(ks_ptr + n_full // KBLK)
+            k, ks = _sage_load_k(K8, k_ptrs, ks_ptr, bh, Lk_pad, n_full, HEAD_DIM_P, KBLK, USE_TMA)
+            vt = _sage_load_v(VT, vt_ptrs, bh, n_full, HEAD_DIM_P, USE_TMA)
             acc, l_i, o_i = _sage_attn_tile(acc, l_i, o_i, q, qs, k, vt, ks, n_full, Lk,
                                             BLOCK_N, True, TWO_LEVEL, MAGIC, EMULATE_FP8)
 
@@ -515,7 +555,7 @@ if triton is not None:
     _sage_attn_fwd_tuned = triton.autotune(
         configs=[triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_tma_pre_hook)
                  for c in _attn_configs()],
-        key=["HEAD_DIM_P", "TUNE_LQ", "TUNE_LK", "TWO_LEVEL", "MAGIC", "USE_TMA"],
+        key=["HEAD_DIM_P", "TUNE_LQ", "TUNE_LK", "TWO_LEVEL", "MAGIC", "USE_TMA", "PREFETCH"],
         prune_configs_by={"early_config_prune": _prune_attn_configs},
     )(_sage_attn_fwd_kernel)
 
@@ -584,7 +624,7 @@ def _tune_bucket(n: int) -> int:
 
 def sage_attention_quantized(qz: SageQuantized, *, out_dtype: torch.dtype = torch.bfloat16,
                              config: dict | None = None, two_level: bool = True, magic_i2f: bool = True,
-                             use_tma: bool = False) -> torch.Tensor:
+                             use_tma: bool = False, prefetch: bool = False) -> torch.Tensor:
     """The attention kernel on quantized operands -> [B, Lq, H, D] in ``out_dtype``.
 
     ``config``: ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` to skip autotuning (tests, interpreter)."""
@@ -604,7 +644,7 @@ def sage_attention_quantized(qz: SageQuantized, *, out_dtype: torch.dtype = torc
     args = (q_arg, qz.q_scale, k_arg, qz.k_scale, v_arg, qz.v_scale, qz.v_mean, out,
             Lq, Lk, H, Lq_pad, Lk_pad, *out.stride(), _tune_bucket(Lq), _tune_bucket(Lk))
     meta = dict(HEAD_DIM=D, HEAD_DIM_P=Dp, KBLK=K_BLOCK, TWO_LEVEL=two_level, MAGIC=magic_i2f,
-                EMULATE_FP8=_interpreting(), USE_TMA=use_tma)
+                EMULATE_FP8=_interpreting(), USE_TMA=use_tma, PREFETCH=prefetch)
     with _launch_ctx(out):
         if config is not None:
             bm, bn = config["BLOCK_M"], config["BLOCK_N"]
@@ -622,19 +662,24 @@ def sage_attention_quantized(qz: SageQuantized, *, out_dtype: torch.dtype = torc
 @torch.compiler.disable  # Triton launches with autotuning and TMA descriptors: an opaque call under torch.compile
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: dict | None = None,
                    pv_fp8: bool = True, two_level: bool = True, magic_i2f: bool = True,
-                   use_tma: bool | None = None, q_per_token: bool = True) -> torch.Tensor:
+                   use_tma: bool | None = None, prefetch: bool | None = None,
+                   q_per_token: bool = True) -> torch.Tensor:
     """``sage_attn``: q ``[B, Lq, H, D]``, k/v ``[B, Lk, H, D]`` -> ``[B, Lq, H, D]`` in q's dtype.
 
     Knobs for benchmarking (defaults are the tested, accurate path): ``pv_fp8=False`` keeps P.V in fp16;
     ``two_level=False`` lets the FP8 MMA accumulate straight into the running accumulator; ``magic_i2f=False``
     converts the INT32 scores with I2F; ``use_tma`` loads tiles through TMA descriptors (default: env
-    ``LIGHTX2V_SAGE_TMA=1``); ``config`` fixes the tile configuration instead of autotuning."""
+    ``LIGHTX2V_SAGE_TMA=1``); ``prefetch`` issues the scores of the next tile before the softmax of this one
+    (default: env ``LIGHTX2V_SAGE_PREFETCH=1``); ``config`` fixes the tile configuration instead of
+    autotuning."""
     if use_tma is None:
         use_tma = os.environ.get("LIGHTX2V_SAGE_TMA", "0") == "1"
+    if prefetch is None:
+        prefetch = os.environ.get("LIGHTX2V_SAGE_PREFETCH", "0") == "1"
     qz = sage_quantize(q, k, v, q_per_token=q_per_token,
                        pv_dtype=torch.float8_e4m3fn if pv_fp8 else torch.float16)
     return sage_attention_quantized(qz, out_dtype=q.dtype, config=config, two_level=two_level,
-                                    magic_i2f=magic_i2f, use_tma=use_tma)
+                                    magic_i2f=magic_i2f, use_tma=use_tma, prefetch=prefetch)
 
 
 def tuned_config() -> str | None:

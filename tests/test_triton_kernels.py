@@ -178,10 +178,10 @@ def _cases_for(name, d):
     x, y, shift, scale, gate, q, w, cos, sin = (d[k] for k in ("x", "y", "shift", "scale", "gate", "q", "w", "cos",
                                                               "sin"))
     nan = float("nan")
-    out = torch.full(x.shape, nan, dtype=x.dtype)  # poisoned: every element must be written
+    out = torch.full(x.shape, nan, dtype=x.dtype, device=x.device)  # poisoned: every element must be written
     yield (f"{name}/norm_modulate", T.norm_modulate(x, shift, scale, EPS, out=out, impl="triton"),
            T.norm_modulate(x, shift, scale, EPS, impl="torch"))
-    out = torch.full(x.shape, nan, dtype=x.dtype)
+    out = torch.full(x.shape, nan, dtype=x.dtype, device=x.device)
     yield (f"{name}/gated_residual", T.gated_residual(x, y, gate, out=out, impl="triton"),
            T.gated_residual(x, y, gate, impl="torch"))
     yf = y.float() if x.dtype != torch.float32 else y.half()  # y in another dtype than x
@@ -191,7 +191,7 @@ def _cases_for(name, d):
     r = T.gated_residual_(x2, y, gate, impl="triton")
     assert r is x2
     yield (f"{name}/gated_residual_", x2, T.gated_residual(x, y, gate, impl="torch"))
-    out = torch.full(x.shape, nan, dtype=x.dtype)
+    out = torch.full(x.shape, nan, dtype=x.dtype, device=x.device)
     yield (f"{name}/rms_norm", T.rms_norm(x, w, EPS, out=out, impl="triton"), T.rms_norm(x, w, EPS, impl="torch"))
     yield (f"{name}/rms_norm-w32", T.rms_norm(x, w.float(), EPS, impl="triton"),
            T.rms_norm(x, w.float(), EPS, impl="torch"))

@@ -10,6 +10,8 @@ format), the kernel is picked from what the device can run: ``torch._scaled_mm``
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,8 +51,17 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()
 
 
-def quantize_activation(x2d: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] -> (quantized [M, K], float32 per-token scale [M, 1])."""
+def quantize_activation(x2d: torch.Tensor, scheme: str, impl: str | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] -> (quantized [M, K], float32 per-token scale [M, 1]). On CUDA a one-pass Triton kernel
+    (``impl=None``: automatic; "torch" / "triton" force one)."""
+    from lightx2v.ops import triton as fused
+
+    if impl == "triton" or (impl is None and x2d.is_cuda and fused.available() and x2d.stride(-1) == 1
+                            and x2d.shape[-1] <= 65536 and not torch.compiler.is_compiling()):
+        from lightx2v.ops.quant.act_quant import quantize_activation_triton
+
+        return quantize_activation_triton(x2d, scheme)
     xf = x2d.float()
     qmax = FP8_MAX if scheme == "fp8" else INT8_MAX
     scale = (xf.abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-12)
@@ -87,8 +98,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        xq, sx = quantize_activation(x2, self.scheme)
+        xq, sx = _quantized_input(x, self.scheme)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
         bias = None if self.bias is None else self.bias.to(out_dtype)
         if self.kernel == "auto" and self.scheme == "fp8" and _fp8_mm_ok(x.device):
@@ -102,6 +112,21 @@ class QuantLinear(nn.Module):
             y = F.linear(xq.float() * sx, dequantize_weight(self.weight, self.weight_scale),
                          None if bias is None else bias.float()).to(out_dtype)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+_last_input: tuple = (None, None, None)  # (weakref to the input tensor, scheme, (xq, sx))
+
+
+def _quantized_input(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` per token, reusing the result when the same tensor object is quantized again right after
+    (q, k and v projections read the same input: one quantization instead of three)."""
+    global _last_input
+    ref, last_scheme, result = _last_input
+    if ref is not None and ref() is x and last_scheme == scheme:
+        return result
+    result = quantize_activation(x.reshape(-1, x.shape[-1]), scheme)
+    _last_input = (weakref.ref(x), scheme, result)
+    return result
 
 
 def quantizable_linears(model: nn.Module) -> list[str]:

@@ -82,7 +82,7 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def run(key, steps, compile_modes, rows):
+def run(key, steps, compile_modes, rows, quants=("bf16", "fp8", "int8")):
     from lightx2v.hooks.compile import apply_compile, remove_compile
     from lightx2v.ops.attention import get_attention_backend
     from lightx2v.ops.quant import apply_quantization
@@ -125,7 +125,7 @@ def run(key, steps, compile_modes, rows):
         for block in dit.blocks:
             block.self_attn.attn = block.cross_attn.attn = backend
 
-    for quant in (None, "fp8", "int8"):
+    for quant in [None if q == "bf16" else q for q in quants]:
         if quant:
             del dit
             gc.collect(), torch.cuda.empty_cache()
@@ -148,6 +148,7 @@ def main():
     ap.add_argument("--models", nargs="+", default=["14b-i2v", "1.3b"], choices=list(MODELS))
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--no_compile", action="store_true")
+    ap.add_argument("--quant", nargs="+", default=["bf16", "fp8", "int8"], choices=["bf16", "fp8", "int8"])
     args = ap.parse_args()
     import diffusers
 
@@ -155,7 +156,7 @@ def main():
           "480x832x81, CFG", flush=True)
     rows = []
     for key in args.models:
-        run(key, args.steps, [False] if args.no_compile else [False, True], rows)
+        run(key, args.steps, [False] if args.no_compile else [False, True], rows, args.quant)
     cols = list(dict.fromkeys(k for r in rows for k in r))
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:

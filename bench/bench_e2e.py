@@ -47,8 +47,8 @@ def e2e(rows):
     s = cfg.sampling
     encode = EncodeStage(_slot(t5), dev, _slot(clip), _slot(vae))
     decode = DecodeStage(_slot(vae), dev)
-    for scheme in (None, "fp8"):
-        dit = build_dit("wan2.1-i2v-14b")
+    for scheme, attn in ((None, "torch_sdpa"), (None, "sage_attn"), ("fp8", "sage_attn")):
+        dit = build_dit("wan2.1-i2v-14b", attn=attn)
         if scheme:
             from lightx2v.ops.quant import apply_quantization
 
@@ -65,7 +65,7 @@ def e2e(rows):
             t["total"] = sum(t.values())
             runs.append(t)
         med = {k: statistics.median(r[k] for r in runs[1:]) for k in runs[1]}
-        rows.append({"DiT": scheme or "bf16", **{f"{k} s": v for k, v in med.items()},
+        rows.append({"DiT": f"{scheme or 'bf16'} + {attn}", **{f"{k} s": v for k, v in med.items()},
                      "peak GiB": gib(torch.cuda.max_memory_allocated())})
         print(rows[-1], flush=True)
         del dit, denoise

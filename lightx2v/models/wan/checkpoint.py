@@ -76,6 +76,45 @@ def safetensors_files(folder: Path, stem: str) -> list[Path]:
     raise CheckpointError(f"missing weights: no {stem}.safetensors (or its .index.json) in {folder}")
 
 
+def read_safetensors_dir(folder: Path, what: str, stem: str = "model") -> dict[str, torch.Tensor]:
+    """All tensors of ``stem.safetensors`` in ``folder``, or of the shards its ``.index.json`` lists (transformers'
+    layout), checking that every listed shard and key is there and that no key is stored twice."""
+    from safetensors.torch import load_file
+
+    single = folder / f"{stem}.safetensors"
+    index = folder / f"{stem}.safetensors.index.json"
+
+    def read(path: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read it as safetensors: {e}") from e
+
+    if single.is_file():
+        return read(single)
+    if not index.is_file():
+        raise CheckpointError(f"missing {what} weights: neither {single} nor {index} exists")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map': {e}") from e
+    absent = [str(folder / f) for f in files if not (folder / f).is_file()]
+    if absent:
+        raise CheckpointError(f"missing {what} shard files listed in {index}: {', '.join(absent)}")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        part = read(folder / f)
+        listed = [k for k, v in weight_map.items() if v == f and k not in part]
+        if listed:
+            raise CheckpointError(f"{folder / f}: keys listed in {index.name} are missing: {', '.join(listed)}")
+        dup = sorted(set(part) & set(sd))
+        if dup:
+            raise CheckpointError(f"{folder / f}: keys also stored in another shard: {', '.join(dup)}")
+        sd.update(part)
+    return sd
+
+
 def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:

@@ -521,41 +521,10 @@ def _build_and_load(
     return model
 
 
-def _read_safetensors_dir(enc_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
+    from lightx2v.models.wan.checkpoint import read_safetensors_dir
 
-    single = enc_dir / "model.safetensors"
-    index = enc_dir / "model.safetensors.index.json"
-
-    def read(path: Path) -> dict[str, torch.Tensor]:
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read it as safetensors: {e}") from e
-
-    if single.is_file():
-        return read(single)
-    if not index.is_file():
-        raise CheckpointError(f"missing image encoder weights: neither {single} nor {index} exists")
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map': {e}") from e
-    absent = [str(enc_dir / f) for f in files if not (enc_dir / f).is_file()]
-    if absent:
-        raise CheckpointError(f"missing image encoder shard files listed in {index}: {', '.join(absent)}")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        part = read(enc_dir / f)
-        listed = [k for k, v in weight_map.items() if v == f and k not in part]
-        if listed:
-            raise CheckpointError(f"{enc_dir / f}: keys listed in {index.name} are missing: {', '.join(listed)}")
-        dup = sorted(set(part) & set(sd))
-        if dup:
-            raise CheckpointError(f"{enc_dir / f}: keys also stored in another shard: {', '.join(dup)}")
-        sd.update(part)
-    return sd
+    return read_safetensors_dir(folder, "image encoder")
 
 
 def _read_config(enc_dir: Path):

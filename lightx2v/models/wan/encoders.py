@@ -386,41 +386,10 @@ def _load_tokenizer(tok_dir: Path, vocab_size: int):
     return tokenizer
 
 
-def _read_safetensors_dir(te_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
+    from lightx2v.models.wan.checkpoint import read_safetensors_dir
 
-    single = te_dir / "model.safetensors"
-    index = te_dir / "model.safetensors.index.json"
-
-    def read(path: Path) -> dict[str, torch.Tensor]:
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read it as safetensors: {e}") from e
-
-    if single.is_file():
-        return read(single)
-    if not index.is_file():
-        raise CheckpointError(f"missing text encoder weights: neither {single} nor {index} exists")
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map': {e}") from e
-    files = sorted(set(weight_map.values()))
-    absent = [str(te_dir / f) for f in files if not (te_dir / f).is_file()]
-    if absent:
-        raise CheckpointError(f"missing text encoder shard files listed in {index}: {', '.join(absent)}")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        part = read(te_dir / f)
-        listed = [k for k, v in weight_map.items() if v == f and k not in part]
-        if listed:
-            raise CheckpointError(f"{te_dir / f}: keys listed in {index.name} are missing: {', '.join(listed)}")
-        dup = sorted(set(part) & set(sd))
-        if dup:
-            raise CheckpointError(f"{te_dir / f}: keys also stored in another shard: {', '.join(dup)}")
-        sd.update(part)
-    return sd
+    return read_safetensors_dir(folder, "text encoder")
 
 
 def _read_config(te_dir: Path):

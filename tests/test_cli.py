@@ -88,9 +88,9 @@ def test_bad_config_keys_and_files(tmp_path):
     r = cli("generate", "--config_json", str(cfg), "--save_result_path", str(tmp_path / "o.mp4"))
     assert r.returncode == 2 and "'infer_step' (did you mean 'infer_steps'" in r.stderr
     assert "'target_heigth' (did you mean 'target_height'" in r.stderr
-    cfg.write_text(json.dumps({"cpu_offload": True}))
+    cfg.write_text(json.dumps({"parallel": {"seq_p_size": 2}}))  # a LightX2V feature this version lacks
     r = cli("generate", "--config_json", str(cfg), "--save_result_path", str(tmp_path / "o.mp4"))
-    assert r.returncode == 2 and "cpu_offload=True" in r.stderr and "not supported" in r.stderr
+    assert r.returncode == 2 and "parallel={'seq_p_size': 2}" in r.stderr and "not supported" in r.stderr
     # output folder that cannot be created (a file stands where a folder should be)
     (tmp_path / "file").write_text("x")
     r = cli("generate", "--save_result_path", str(tmp_path / "file" / "sub" / "o.mp4"), *SMALL)

@@ -48,3 +48,16 @@ def test_dit_and_vae_bf16_match_fp32():
         vae16 = load_wan_vae(root / "Wan2.1_VAE.pth", device=dev, dtype=torch.bfloat16)
         z = torch.randn(1, 16, 3, 8, 8, device=dev, generator=g)
         assert _rel(vae16.decode(z), vae32.decode(z)) < 5e-2
+
+
+def test_fused_affine_layer_norm_matches_float32_math():
+    from lightx2v.models.wan.dit import AffineLayerNorm, layer_norm_f32
+
+    norm = AffineLayerNorm(5120, 1e-6).cuda()
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1)
+        norm.bias.normal_(0, 0.1)
+    x = (torch.randn(1, 4096, 5120, device="cuda") + 0.3).to(torch.bfloat16)
+    with torch.no_grad():
+        want = layer_norm_f32(x, 1e-6, norm.weight, norm.bias).to(torch.bfloat16)
+        assert _rel(norm(x), want) < 5e-3

@@ -61,6 +61,8 @@ class AffineLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused(x):  # LayerNorm(x) * w + b == the adaLN kernel with scale = w - 1, shift = b (float32 math)
+            return fused.norm_modulate(x, self.bias.float(), self.weight.float() - 1, self.eps)
         return layer_norm_f32(x, self.eps, self.weight, self.bias).to(x.dtype)
 
 

@@ -162,26 +162,34 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
         self.attn = attn
 
-    def forward(self, x: torch.Tensor, rope: "Rope") -> torch.Tensor:
-        """x: [B, L, C] -> [B, L, C]."""
-        if use_fused(x):  # q/k: RMSNorm and RoPE in one pass, in place
-            q = fused.rms_norm_rope_(self.q(x).unflatten(-1, (self.num_heads, -1)), self.norm_q.weight,
-                                     self.norm_q.eps, rope.cos, rope.sin)
-            k = fused.rms_norm_rope_(self.k(x).unflatten(-1, (self.num_heads, -1)), self.norm_k.weight,
-                                     self.norm_k.eps, rope.cos, rope.sin)
-            return self.o(self.attn(q, k, self.v(x).unflatten(-1, (self.num_heads, -1))).flatten(2))
-        rope = rope.rot
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
-        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
-        v = self.v(x).unflatten(-1, (self.num_heads, -1))
-        chunks = token_chunks(q.shape[1], self.chunk_tokens)
-        if len(chunks) == 1:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        else:  # q and k are fresh tensors here: rotate them in place, chunk by chunk
-            for sl in chunks:
-                q[:, sl] = apply_rope(q[:, sl], rope[sl])
-                k[:, sl] = apply_rope(k[:, sl], rope[sl])
-        return self.o(self.attn(q, k, v).flatten(2))
+    def forward(self, x: torch.Tensor, rope: "Rope", shift=None, scale=None, eps: float = 1e-6,
+                chunk: int | None = None) -> torch.Tensor:
+        """x: [B, L, C] -> [B, L, C]. With ``shift``/``scale`` the adaLN-modulated input is computed here, so that
+        it can be dropped as soon as q, k and v exist (it is as large as x); q, k and v are dropped before the
+        output projection. Peak activation memory during attention: x, q, k, v and the attention output."""
+        y = x if shift is None else modulate(x, shift, scale, eps, chunk)
+        heads = self.num_heads
+        if use_fused(y):  # q/k: RMSNorm and RoPE in one pass, in place
+            q = fused.rms_norm_rope_(self.q(y).unflatten(-1, (heads, -1)), self.norm_q.weight, self.norm_q.eps,
+                                     rope.cos, rope.sin)
+            k = fused.rms_norm_rope_(self.k(y).unflatten(-1, (heads, -1)), self.norm_k.weight, self.norm_k.eps,
+                                     rope.cos, rope.sin)
+            v = self.v(y).unflatten(-1, (heads, -1))
+        else:
+            q = self.norm_q(self.q(y)).unflatten(-1, (heads, -1))  # [B, L, H, D]
+            k = self.norm_k(self.k(y)).unflatten(-1, (heads, -1))
+            v = self.v(y).unflatten(-1, (heads, -1))
+            chunks = token_chunks(q.shape[1], self.chunk_tokens)
+            if len(chunks) == 1:
+                q, k = apply_rope(q, rope.rot), apply_rope(k, rope.rot)
+            else:  # q and k are fresh tensors here: rotate them in place, chunk by chunk
+                for sl in chunks:
+                    q[:, sl] = apply_rope(q[:, sl], rope.rot[sl])
+                    k[:, sl] = apply_rope(k[:, sl], rope.rot[sl])
+        del y
+        out = self.attn(q, k, v).flatten(2)
+        del q, k, v
+        return self.o(out)
 
 
 class CrossAttention(nn.Module):
@@ -236,8 +244,7 @@ class WanBlock(nn.Module):
         """x: [B, L, C]; e: [B, 6, C] float32 time projection; context(_img): [B, Lt(/Li), C]."""
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e).chunk(6, dim=1)  # [B, 1, C]
         n = self.chunk_tokens
-        y = modulate(x, shift, scale, self.eps, n)
-        x = gated_add(x, self.self_attn(y, rope), gate, n)
+        x = gated_add(x, self.self_attn(x, rope, shift, scale, self.eps, n), gate, n)
         x = x + self.cross_attn(self.norm3(x), context, context_img)
         chunks = token_chunks(x.shape[1], n)
         if len(chunks) == 1:
@@ -296,8 +303,9 @@ class WanDiT(nn.Module):
     """Wan2.1 DiT. ``forward(x, t, context, clip_tokens=None) -> velocity`` with x: [B, in_dim, F, H, W]."""
 
     # Parameters kept in float32 whatever the model dtype (small; they carry the reference's float32 math).
-    FLOAT32_PARAMS = ("time_embedding.", "time_projection.", "modulation", "norm3.", "img_emb.proj.0.",
-                      "img_emb.proj.4.", "img_emb.emb_pos")
+    # time_projection ([6C, C], 0.6 GB for 14B in float32) is stored in the model dtype but computed in float32.
+    FLOAT32_PARAMS = ("time_embedding.", "modulation", "norm3.", "img_emb.proj.0.", "img_emb.proj.4.",
+                      "img_emb.emb_pos")
 
     def __init__(self, cfg: WanDiTConfig, attn: AttentionBackend, chunk_tokens: int | None = 8192):
         super().__init__()
@@ -346,7 +354,11 @@ class WanDiT(nn.Module):
         emb = sinusoidal_embedding(t, self.cfg.freq_dim)
         lin1, act, lin2 = self.time_embedding
         temb = lin2(act(lin1(emb.to(lin1.weight.dtype)))).float()
-        e = self.time_projection(temb.to(self.time_projection[1].weight.dtype)).float()
+        proj = self.time_projection[1]
+        h, c = F.silu(temb), self.cfg.dim
+        # float32 math on the (model-dtype) weight, one sixth at a time: no full float32 copy of it
+        e = torch.cat([F.linear(h, proj.weight[i:i + c].float(), proj.bias[i:i + c].float())
+                       for i in range(0, proj.out_features, c)], dim=1)
         return temb, e.unflatten(1, (6, -1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,

@@ -76,6 +76,29 @@ def safetensors_files(folder: Path, stem: str) -> list[Path]:
     raise CheckpointError(f"missing weights: no {stem}.safetensors (or its .index.json) in {folder}")
 
 
+def torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.pth`` state dict of tensors (memory-mapped where the file format allows), or CheckpointError."""
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read it as a torch state dict: {e}") from e
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read it as a torch state dict: {e}") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors")
+    return dict(sd)
+
+
+def check_present(items) -> None:
+    """items: (path, what) pairs; one CheckpointError naming every absent one."""
+    absent = [f"{what} {path}" for path, what in items if not Path(path).exists()]
+    if absent:
+        raise CheckpointError("missing files: " + "; ".join(absent))
+
+
 def read_safetensors_dir(folder: Path, what: str, stem: str = "model") -> dict[str, torch.Tensor]:
     """All tensors of ``stem.safetensors`` in ``folder``, or of the shards its ``.index.json`` lists (transformers'
     layout), checking that every listed shard and key is there and that no key is stored twice."""

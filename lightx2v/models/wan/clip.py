@@ -564,24 +564,15 @@ def _load_processor(proc_dir: Path, image_size: int):
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read it as a torch state dict: {e}") from e
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read it as a torch state dict: {e}") from e
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors")
-    return dict(sd)
+    from lightx2v.models.wan.checkpoint import torch_load_state_dict
+
+    return torch_load_state_dict(path)
 
 
 def _check_present(items: Sequence[tuple[Path, str]]) -> None:
-    absent = [f"{what} {path}" for path, what in items if not path.exists()]
-    if absent:
-        raise CheckpointError("missing files: " + "; ".join(absent))
+    from lightx2v.models.wan.checkpoint import check_present
+
+    check_present(items)
 
 
 def load_image_encoder(

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from lightx2v.config import (MODEL_CLASS_DEFAULTS, MODEL_CLASSES, TASKS, GeneratorConfig, build_config,
                               load_config_json)
 from lightx2v.errors import UserError

@@ -160,3 +160,15 @@ def test_bad_images_rejected(tmp_path):
     r = cli("generate", "--task", "flf2v", "--image_path", str(bad), "--save_result_path", str(tmp_path / "o.mp4"),
             *SMALL)
     assert r.returncode == 2 and "last_frame_path" in r.stderr
+
+
+def test_malformed_dit_config_is_one_line(tmp_path):
+    import shutil
+
+    from lightx2v.models.wan.tiny import ensure_tiny_model
+
+    model = tmp_path / "model"
+    shutil.copytree(ensure_tiny_model(), model)
+    (model / "config.json").write_text("{not json")
+    r = cli("generate", "--model_path", str(model), "--save_result_path", str(tmp_path / "o.mp4"), *SMALL)
+    assert r.returncode == 2 and "not valid JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

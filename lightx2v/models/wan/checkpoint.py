@@ -76,6 +76,20 @@ def safetensors_files(folder: Path, stem: str) -> list[Path]:
     raise CheckpointError(f"missing weights: no {stem}.safetensors (or its .index.json) in {folder}")
 
 
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; CheckpointError naming the file when it is missing or not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing {what}: {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return raw
+
+
 def torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A ``.pth`` state dict of tensors (memory-mapped where the file format allows), or CheckpointError."""
     try:
@@ -283,8 +297,7 @@ def dit_folder(model_dir: Path, layout: str) -> Path:
 
 
 def read_dit_config(model_dir: Path, layout: str) -> WanDiTConfig:
-    cfg_path = require_file(dit_folder(model_dir, layout) / "config.json", "DiT config")
-    d = json.loads(cfg_path.read_text())
+    d = read_json(dit_folder(model_dir, layout) / "config.json", "DiT config")
     return WanDiTConfig.from_diffusers_config(d) if layout == "diffusers" else WanDiTConfig.from_wan_config(d)
 
 

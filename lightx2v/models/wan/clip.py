@@ -29,7 +29,6 @@ check: any missing, unexpected or mis-shaped tensor, and any missing file, raise
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -530,15 +529,10 @@ def _read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
 def _read_config(enc_dir: Path):
     from transformers import CLIPVisionConfig
 
+    from lightx2v.models.wan.checkpoint import read_json
+
     path = enc_dir / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"missing image encoder config: {path}")
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    raw = read_json(path, "image encoder config")
     model_type = raw.get("model_type", "clip_vision_model")
     if model_type == "clip" and isinstance(raw.get("vision_config"), dict):  # a full CLIPConfig: take its vision part
         raw = raw["vision_config"]

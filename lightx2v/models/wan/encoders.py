@@ -395,13 +395,10 @@ def _read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
 def _read_config(te_dir: Path):
     from transformers import UMT5Config
 
+    from lightx2v.models.wan.checkpoint import read_json
+
     path = te_dir / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"missing text encoder config: {path}")
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    raw = read_json(path, "text encoder config")
     if raw.get("model_type", "umt5") != "umt5":
         raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'umt5'")
     try:

@@ -830,22 +830,9 @@ def _require(path: Path, what: str) -> Path:
 
 def _read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a diffusers ``vae/`` folder, single-file or sharded (with the ``.index.json``)."""
-    from safetensors.torch import load_file
+    from lightx2v.models.wan.checkpoint import read_safetensors_dir
 
-    index = folder / DIFFUSERS_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-        for name in shards:
-            _require(folder / name, "VAE weight shard")
-        sd: dict[str, torch.Tensor] = {}
-        for name in shards:
-            sd.update(load_file(folder / name, device="cpu"))
-        not_in_shards = sorted(set(weight_map) - sd.keys())
-        if not_in_shards:
-            raise CheckpointError(f"{index} lists tensors its shards lack: {', '.join(not_in_shards)}")
-        return sd
-    return load_file(_require(folder / DIFFUSERS_WEIGHTS, "VAE weights"), device="cpu")
+    return read_safetensors_dir(folder, "VAE", stem=DIFFUSERS_WEIGHTS.removesuffix(".safetensors"))
 
 
 def _check_and_assign(vae: WanVAE, sd: Mapping[str, Any], source: Path, device, dtype: torch.dtype) -> WanVAE:
@@ -884,8 +871,9 @@ def load_wan_vae(
     if path.is_dir() and (path / WAN_VAE_FILE).is_file():
         path = path / WAN_VAE_FILE
     if path.is_dir():
-        config_file = _require(path / DIFFUSERS_CONFIG, "VAE config")
-        cfg = WanVAEConfig.from_diffusers_config(json.loads(config_file.read_text()))
+        from lightx2v.models.wan.checkpoint import read_json
+
+        cfg = WanVAEConfig.from_diffusers_config(read_json(path / DIFFUSERS_CONFIG, "VAE config"))
         if config is not None and config != cfg:
             raise UserError(f"config {config} differs from {path / DIFFUSERS_CONFIG}: {cfg}")
         sd = vae_state_dict_from_diffusers(_read_diffusers_weights(path), cfg)

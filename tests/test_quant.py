@@ -127,3 +127,25 @@ def test_act_quant_kernel_on_gpu(scheme):
     torch.testing.assert_close(st, sr, rtol=1e-6, atol=0)
     mism = (qt.float() != qr.float()).float().mean().item()
     assert mism < 1e-3  # same values but where x / scale lands within an ulp of a rounding boundary (GPU division)
+
+
+def test_shared_input_is_quantized_once_and_released_with_it():
+    import lightx2v.ops.quant as Q
+
+    lins = [QuantLinear.from_linear(torch.nn.Linear(32, 16), "int8") for _ in range(3)]
+    calls = []
+    real = Q.quantize_activation
+    Q.quantize_activation = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        x = torch.randn(4, 32)
+        for lin in lins:  # q, k, v read the same input
+            lin(x)
+        assert len(calls) == 1
+        lins[0](x.clone())  # another tensor (equal values) is quantized anew
+        assert len(calls) == 2
+        y = torch.randn(4, 32)
+        lins[0](y)
+        del y  # the cached quantization goes with its input
+        assert Q._last_input == (None, None, None)
+    finally:
+        Q.quantize_activation = real

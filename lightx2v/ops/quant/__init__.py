@@ -117,15 +117,21 @@ class QuantLinear(nn.Module):
 _last_input: tuple = (None, None, None)  # (weakref to the input tensor, scheme, (xq, sx))
 
 
+def _forget_last_input(_ref=None) -> None:
+    global _last_input
+    _last_input = (None, None, None)
+
+
 def _quantized_input(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` per token, reusing the result when the same tensor object is quantized again right after
-    (q, k and v projections read the same input: one quantization instead of three)."""
+    (q, k and v projections read the same input: one quantization instead of three). The cached result is dropped
+    as soon as ``x`` itself is freed, so it never holds memory beyond its input's lifetime."""
     global _last_input
     ref, last_scheme, result = _last_input
     if ref is not None and ref() is x and last_scheme == scheme:
         return result
     result = quantize_activation(x.reshape(-1, x.shape[-1]), scheme)
-    _last_input = (weakref.ref(x), scheme, result)
+    _last_input = (weakref.ref(x, _forget_last_input), scheme, result)
     return result
 
 

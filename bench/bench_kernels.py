@@ -16,11 +16,24 @@ gated_residual (~2.2 ms) and ~3.4 GB for rope (upcast, complex multiply, downcas
     python bench/bench_kernels.py --peak-gbs 4300      # H200 (H100 SXM: ~3000 measured by a copy)
     python bench/bench_kernels.py --tune               # also sweep warps / tile sizes of each kernel
     TRITON_INTERPRET=1 python bench/bench_kernels.py --smoke   # CPU, tiny sizes: checks that the script runs
+    python bench/bench_kernels.py --only int8_gemm [--tune]    # just the INT8 GEMM section (below)
+
+int8_gemm section: at [32760x5120]x[5120x13824] (Wan 14B FFN up-projection) and [32760x5120]x[5120x5120] (q/k/v/o),
+bf16 torch.matmul, fp8 torch._scaled_mm (rowwise scales), torch._int_mm alone and with QuantLinear's former eager
+epilogue (int32 -> f32 * sx * sw -> bf16), and lightx2v.ops.quant.int8_gemm.int8_matmul (autotuned; with --tune each
+kernel variant and config too): TFLOP/s (TOPS for int8) = 2MNK / time; then whole QuantLinear forwards (activation
+quantization included, bias on) against nn.Linear in bf16. Floor at the FFN shape: 4.64 TFLOP; at the measured 775
+TFLOP/s bf16 that is 6.0 ms, at int8's nominal 2x rate 3.0 ms; the bytes (A 168 MB + B 71 MB + C 906 MB bf16) take
+0.38 ms at 3 TB/s, so every row is compute-bound. Measured on an H100 (torch 2.11, triton 3.6), FFN shape: bf16
+791 TFLOP/s, fp8 1196, torch._int_mm 892 TOPS alone and 456 with the eager epilogue, int8_matmul 1168 (1.48x bf16;
+the best single config 1239); the int8 QuantLinear forward 4.03 ms against 11.95 ms via torch._int_mm and 6.30 ms
+for nn.Linear in bf16.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -152,6 +165,7 @@ def main(argv=None):
     ap.add_argument("--peak-gbs", type=float, default=3000.0, help="HBM ceiling for the %% column (GB/s)")
     ap.add_argument("--tune", action="store_true", help="sweep warps / tile sizes of each kernel too")
     ap.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1, tiny sizes, 2 reps")
+    ap.add_argument("--only", choices=["fused", "int8_gemm"], default=None, help="run one section (default: all)")
     ap.add_argument("--json", default=os.path.join(os.environ["OUT"], "bench_kernels.json") if os.environ.get("OUT")
                     else None, help="also write the numbers here (default: $OUT/bench_kernels.json when $OUT is set)")
     args = ap.parse_args(argv)
@@ -175,6 +189,9 @@ def main(argv=None):
     print(f"device: {info}; torch {torch.__version__}; triton {triton.__version__}; x [{B}, {L}, {H * D}] {dtype}; "
           f"q/k [{B}, {L}, {H}, {D}]; median of {args.reps}", flush=True)
 
+    if args.only == "int8_gemm":
+        int8_gemm_section(args, device, info)
+        return
     d = make_inputs(B, L, H, D, dtype, device)
     results = {}
     with torch.no_grad():
@@ -241,6 +258,154 @@ def main(argv=None):
               f"{r['kernel_ms']:.3f} | {r['kernel_gbs']:.0f} | {100 * r['kernel_gbs'] / peak:.0f}% | "
               f"{r['eager_ms'] / r['kernel_ms']:.2f}x | {r['rel']:.1e} |")
 
+    if args.only is None:
+        print()
+        int8_gemm_section(args, device, info)
+
+
+# --- int8_gemm section -------------------------------------------------------------------------------------------
+
+INT8_SHAPES = ((32760, 5120, 13824), (32760, 5120, 5120))  # (M, K, N): FFN up-projection, q/k/v/o projections
+INT8_TUNE_EXTRA = ((128, 256, 64, 8, 4, 8), (128, 256, 128, 16, 3, 8), (128, 128, 256, 8, 3, 8))  # --tune, too
+
+
+def _compiled_report(jit) -> list:
+    """Resource report of each compiled variant of a Triton kernel (registers, spills, shared memory, wgmma in
+    the PTX); [] where this triton keeps its cache elsewhere."""
+    rows = []
+    try:
+        for cache in jit.device_caches.values():
+            for ck in cache[0].values():
+                md = ck.metadata
+                rows.append({"warps": md.num_warps, "stages": md.num_stages, "shared": md.shared,
+                             "regs": ck.n_regs, "spills": ck.n_spills, "wgmma": "wgmma" in ck.asm.get("ptx", "")})
+    except Exception as exc:  # noqa: BLE001 - a diagnostic only
+        rows.append({"error": f"{type(exc).__name__}: {exc}"[:120]})
+    return rows
+
+
+def _int8_gemm_shape(M, K, N, device, args, add):
+    """Time every row of one shape through ``add(op, fn, check=None)``; returns the autotuner's pick."""
+    import lightx2v.ops.quant as Q
+    from lightx2v.ops.quant import int8_gemm as G
+
+    gpu = device.type == "cuda"
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(M, K, device=device, generator=g).to(torch.bfloat16)
+    w = (torch.randn(N, K, device=device, generator=g) * 0.02).to(torch.bfloat16)
+    bias = (torch.randn(N, device=device, generator=g) * 0.1).to(torch.bfloat16)
+    xq, sx = Q.quantize_activation(x, "int8")
+    wq, sw = Q.quantize_weight(w, "int8")
+
+    add("bf16 torch.matmul", lambda: torch.matmul(x, w.t()))
+    if gpu:
+        x8, s8 = Q.quantize_activation(x, "fp8")
+        w8, t8 = Q.quantize_weight(w, "fp8")
+        add("fp8 torch._scaled_mm rowwise", lambda: torch._scaled_mm(
+            x8, w8.t(), scale_a=s8, scale_b=t8.reshape(1, -1), out_dtype=torch.bfloat16))
+        add("int8 torch._int_mm (int32 out, no epilogue)", lambda: torch._int_mm(xq, wq.t()))
+
+        def int_mm_eager():  # QuantLinear's int8 path before the fused kernel
+            acc = torch._int_mm(xq, wq.t())
+            return (acc.float() * sx * sw.reshape(1, -1)).to(torch.bfloat16)
+
+        add("int8 torch._int_mm + eager epilogue", int_mm_eager)
+        eager = int_mm_eager()
+    else:
+        eager = G.int8_matmul_torch(xq, sx, wq, sw, None, torch.bfloat16)
+
+    def ours():
+        return G.int8_matmul(xq, sx, wq, sw, None, torch.bfloat16, impl="triton")
+
+    variant = G.pick_variant(xq, wq)
+    add(f"int8 int8_matmul (default: {variant}, autotuned)", ours, lambda: rel(ours(), eager))
+    picked = {}
+    for v in G.VARIANTS if gpu else ():
+        if v == "tma" and G._tensor_descriptor_cls() is None:
+            continue
+
+        def run(v=v, cfg=None):
+            return G.launch(xq, sx, wq, sw, None, torch.bfloat16, variant=v, config=cfg)
+
+        if v != variant:
+            add(f"int8 {v} kernel, autotuned", run, lambda f=run: rel(f(), eager))
+        picked[v] = str(getattr(G._autotuned(v), "best_config", None))
+        print(f"  autotune ({v}) picked: {picked[v]}", flush=True)
+        for cfg in (G.CONFIGS[:6] + INT8_TUNE_EXTRA) if args.tune else ():
+            f = functools.partial(run, v, cfg)
+            add(f"int8 {v} {cfg}", f, lambda f=f: rel(f(), eager))
+
+    # whole layers, activation quantization included (the quantized-input cache is cleared before each call)
+    lin = torch.nn.Linear(K, N, device=device, dtype=torch.bfloat16)
+    lin.weight.copy_(w)
+    lin.bias.copy_(bias)
+    want = lin(x)
+    add("layer: nn.Linear bf16", lambda: lin(x))
+    for scheme in ("fp8", "int8") if gpu else ("int8",):
+        ql = Q.QuantLinear.from_linear(lin, scheme)
+
+        def fwd(ql=ql):
+            Q._forget_last_input()
+            return ql(x)
+
+        add(f"layer: QuantLinear {scheme} (act quant + GEMM)", fwd, lambda f=fwd: rel(f(), want))
+        if scheme == "int8" and gpu:
+            real = G.triton_problem
+            G.triton_problem = lambda *a: "disabled for the benchmark"
+            try:
+                add("layer: QuantLinear int8 via torch._int_mm (before)", fwd, lambda f=fwd: rel(f(), want))
+            finally:
+                G.triton_problem = real
+    add("activation quant alone (int8)", lambda: Q.quantize_activation(x, "int8"))
+    return picked
+
+
+def int8_gemm_section(args, device, info):
+    """INT8 GEMM with the fused epilogue against bf16, fp8 and torch._int_mm (see the module docstring)."""
+    from lightx2v.ops.quant import int8_gemm as G
+
+    gpu = device.type == "cuda"
+    results = {"device": info, "shapes": {}}
+    rows = []  # (shape, op, ms, rate, rel)
+    with torch.no_grad():
+        for M, K, N in INT8_SHAPES if gpu else ((37, 80, 45),):
+            tag = f"[{M}x{K}]x[{K}x{N}]"
+            r = results["shapes"][tag] = {}
+
+            def add(op, fn, check=None, tag=tag, r=r, flop=2.0 * M * N * K):
+                try:
+                    t = time_ms(fn, args.reps)
+                    d = check() if check is not None else None
+                except Exception as exc:  # noqa: BLE001 - e.g. an op this device lacks: report it, go on
+                    t, d = float("nan"), f"{type(exc).__name__}: {exc}"[:100]
+                r[op] = {"ms": t, "rate": flop / t / 1e9, "rel": d}
+                rows.append((tag, op, t, r[op]["rate"], d))
+                print(f"  {tag} {op}: {t:.3f} ms, {r[op]['rate']:.0f} T/s, rel {d}", flush=True)
+
+            r["autotuned_config"] = _int8_gemm_shape(M, K, N, device, args, add)
+            if gpu:
+                torch.cuda.empty_cache()
+        if gpu:
+            results["compiled"] = {v: _compiled_report(getattr(G, f"_int8_mm_{v}_kernel").kernel)
+                                   for v in G.VARIANTS}
+            for v, lst in results["compiled"].items():
+                for e in lst:
+                    print(f"  compiled {v}: {e}", flush=True)
+
+    if args.json:
+        Path(args.json).with_name("bench_int8_gemm.json").write_text(json.dumps(results, indent=1, default=str))
+    print()
+    clock = "CUDA events" if gpu else "host clock"
+    print(f"{info}, median of {args.reps} ({clock}); T/s = 2MNK / time (TFLOP/s; TOPS for int8; the layer rows "
+          "count the GEMM's 2MNK too); 'vs bf16' = bf16 torch.matmul's time / time; rel = relative L2 distance "
+          "(int8 GEMMs: to torch._int_mm + eager epilogue; layers: to nn.Linear in bf16)")
+    print()
+    print("| shape | op | ms | T/s | vs bf16 | rel |")
+    print("| --- | --- | ---: | ---: | ---: | --- |")
+    for tag, op, t, rate, d in rows:
+        base = results["shapes"][tag]["bf16 torch.matmul"]["ms"]
+        dd = f"{d:.1e}" if isinstance(d, float) else ("" if d is None else str(d))
+        print(f"| {tag} | {op} | {t:.3f} | {rate:.0f} | {base / t:.2f}x | {dd} |")
 
 if __name__ == "__main__":
     main()

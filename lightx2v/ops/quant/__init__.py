@@ -4,8 +4,9 @@ per token at run time.
 Weight format and GEMM kernel are separate choices: the format is what ``dit_quant_scheme`` names (``fp8`` or
 ``int8``; LightX2V's kernel-flavoured names such as ``fp8-sgl`` or ``int8-vllm`` are accepted as aliases of the
 format), the kernel is picked from what the device can run: ``torch._scaled_mm`` (FP8, rowwise scales; Hopper/Ada),
-``torch._int_mm`` (INT8), else a reference path that dequantizes (CPU, tests). Checkpoints use LightX2V's layout:
-``X.weight`` (float8_e4m3fn or int8, [out, in]) + ``X.weight_scale`` (float32, [out, 1]).
+the Triton INT8 GEMM of :mod:`lightx2v.ops.quant.int8_gemm` with the scale epilogue fused (INT8; ``torch._int_mm``
+plus an eager epilogue where it cannot run), else a reference path that dequantizes (CPU, tests). Checkpoints use
+LightX2V's layout: ``X.weight`` (float8_e4m3fn or int8, [out, in]) + ``X.weight_scale`` (float32, [out, 1]).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightx2v.errors import UserError
+from lightx2v.ops.quant import int8_gemm
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT8_MAX = 127.0
@@ -104,6 +106,10 @@ class QuantLinear(nn.Module):
         if self.kernel == "auto" and self.scheme == "fp8" and _fp8_mm_ok(x.device):
             y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale.reshape(1, -1),
                                  bias=bias, out_dtype=out_dtype)
+        elif (self.kernel == "auto" and self.scheme == "int8" and x.device.type == "cuda"
+              and int8_gemm.triton_problem(xq, self.weight) is None):
+            # Triton: int32 accumulation and the scale/bias epilogue in one kernel, one [M, N] store
+            y = int8_gemm.int8_matmul(xq, sx, self.weight, self.weight_scale, bias, out_dtype, impl="triton")
         elif self.kernel == "auto" and self.scheme == "int8" and x.device.type == "cuda" and xq.shape[0] > 16:
             acc = torch._int_mm(xq, self.weight.t())  # int32 [M, N]
             y = acc.float() * sx * self.weight_scale.reshape(1, -1)

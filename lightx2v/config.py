@@ -16,11 +16,22 @@ from typing import Any
 
 from lightx2v.errors import UserError
 
-MODEL_CLASSES = ("wan2.1", "wan2.1_distill")
-# Defaults a model class brings (at the "defaults" tier: config JSON and arguments still win).
+MODEL_CLASSES = ("wan2.1", "wan2.1_distill", "wan2.2_moe", "wan2.2_moe_distill", "wan2.2")
+_DISTILL = {"denoising_step_list": [1000, 750, 500, 250], "enable_cfg": False, "sample_shift": 5.0}
+# Defaults a model class brings, per task (at the "defaults" tier: config JSON and arguments still win). Wan2.2's
+# are the Wan2.2 release's: A14B T2V shift 12, guidance 4.0 (high-noise expert) / 3.0 (low), boundary 0.875; A14B
+# I2V shift 5, guidance 3.5 / 3.5, boundary 0.9; TI2V-5B 1280x704, 121 frames at 24 fps, shift 5, guidance 5.
+_MOE_T2V = {"guidance_scale": [4.0, 3.0], "sample_shift": 12.0, "infer_steps": 40, "boundary": 0.875}
+_MOE_I2V = {"guidance_scale": [3.5, 3.5], "sample_shift": 5.0, "infer_steps": 40, "boundary": 0.9}
+_TI2V_5B = {"height": 704, "width": 1280, "num_frames": 121, "fps": 24, "guidance_scale": 5.0, "sample_shift": 5.0,
+            "infer_steps": 50}
 MODEL_CLASS_DEFAULTS = {
-    "wan2.1": {},
-    "wan2.1_distill": {"denoising_step_list": [1000, 750, 500, 250], "enable_cfg": False, "sample_shift": 5.0},
+    "wan2.1": {"t2v": {}, "i2v": {}, "flf2v": {}},
+    "wan2.1_distill": {"t2v": _DISTILL, "i2v": _DISTILL, "flf2v": _DISTILL},
+    "wan2.2_moe": {"t2v": _MOE_T2V, "i2v": _MOE_I2V},
+    "wan2.2_moe_distill": {"t2v": {**_DISTILL, "boundary_step_index": 2},
+                           "i2v": {**_DISTILL, "boundary_step_index": 2}},
+    "wan2.2": {"t2v": _TI2V_5B, "i2v": _TI2V_5B},
 }
 TASKS = ("t2v", "i2v", "flf2v")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -42,8 +53,8 @@ NOT_YET = {
     "mm_config": None, "parallel": None,
     "t5_quantized": False, "clip_quantized": False, "use_prompt_enhancer": False,
 }
-# LightX2V keys whose value is fixed for Wan2.1: accepted only with that value.
-FIXED = {"text_len": 512, "vae_stride": [4, 8, 8], "patch_size": [1, 2, 2]}
+# LightX2V keys whose value is fixed for Wan: accepted only with that value.
+FIXED = {"text_len": 512, "patch_size": [1, 2, 2]}
 IGNORED = ("_comment",)
 
 
@@ -53,7 +64,7 @@ class SamplingConfig:
     height: int = 480
     width: int = 832
     num_frames: int = 81
-    guidance_scale: float = 5.0
+    guidance_scale: float | tuple[float, float] = 5.0  # two-expert models: [high-noise expert, low-noise expert]
     sample_shift: float = 5.0
     solver: str = "unipc"
     enable_cfg: bool = True
@@ -63,6 +74,8 @@ class SamplingConfig:
     changing_resolution: bool = False
     resolution_rate: tuple[float, ...] | None = None  # latent scale per early stage (default [0.75])
     changing_resolution_steps: tuple[int, ...] | None = None  # 1-based steps after which to switch
+    boundary: float | None = None  # two-expert models: the high-noise expert runs while t >= boundary * 1000
+    boundary_step_index: int | None = None  # two-expert step-distilled models: steps [0, index) use the high expert
 
     def __post_init__(self):
         _check_int(self, "infer_steps", lo=1)
@@ -76,8 +89,23 @@ class SamplingConfig:
         if (self.num_frames - 1) % 4:
             lo = (self.num_frames - 1) // 4 * 4 + 1
             raise UserError(f"num_frames={self.num_frames} is not of the form 4k+1; try {lo} or {lo + 4}")
-        _check_number(self, "guidance_scale", lo=0.0)
+        if isinstance(self.guidance_scale, (list, tuple)):
+            g = self.guidance_scale
+            if len(g) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in g):
+                raise UserError(f"guidance_scale={list(g)!r} must be a number >= 0 or a list of two "
+                                "([high-noise expert, low-noise expert])")
+            object.__setattr__(self, "guidance_scale", (float(g[0]), float(g[1])))
+        else:
+            _check_number(self, "guidance_scale", lo=0.0)
         _check_number(self, "sample_shift", lo=0.0, strict=True)
+        if self.boundary is not None and (isinstance(self.boundary, bool) or not isinstance(self.boundary, (int, float))
+                                          or not 0 < self.boundary < 1):
+            raise UserError(f"boundary={self.boundary!r} must be a number in (0, 1) (a fraction of 1000 timesteps)")
+        if self.boundary_step_index is not None:
+            _check_int(self, "boundary_step_index", lo=0)
+            if self.boundary_step_index > self.infer_steps:
+                raise UserError(f"boundary_step_index={self.boundary_step_index} is larger than infer_steps="
+                                f"{self.infer_steps}")
         if self.solver not in SOLVERS:
             raise UserError(f"sample_solver={self.solver!r} is not supported; allowed: {', '.join(SOLVERS)}")
         if not isinstance(self.enable_cfg, bool):
@@ -121,7 +149,13 @@ class SamplingConfig:
 
     @property
     def do_cfg(self) -> bool:
-        return self.enable_cfg and self.guidance_scale > 1.0
+        return self.enable_cfg and max(self.guidance_scales) > 1.0
+
+    @property
+    def guidance_scales(self) -> tuple[float, float]:
+        """(high-noise expert, low-noise expert); one model uses the first."""
+        g = self.guidance_scale
+        return g if isinstance(g, tuple) else (g, g)
 
 
 @dataclass(frozen=True)
@@ -173,16 +207,26 @@ class RuntimeConfig:
 class CheckpointConfig:
     dit_original_ckpt: str | None = None  # one .safetensors file with the DiT weights (Wan names), e.g. a distilled DiT
     dit_quant_scheme: str | None = None  # fp8 | int8 (LightX2V aliases fp8-sgl, int8-vllm, ... accepted)
+    high_noise_original_ckpt: str | None = None  # two-expert models: one safetensors file per expert
+    low_noise_original_ckpt: str | None = None
+    use_image_encoder: bool | None = None  # CLIP image tokens: Wan2.1 I2V yes, Wan2.2 no (checked against the DiT)
+    vae_stride: tuple[int, int, int] | None = None  # checked against the VAE: [4, 8, 8] Wan2.1, [4, 16, 16] Wan2.2
 
     def __post_init__(self):
         from lightx2v.ops.quant import resolve_scheme
 
         resolve_scheme(self.dit_quant_scheme)  # raises on unknown names
-        if self.dit_original_ckpt is not None:
-            from pathlib import Path as _P
-
-            if not _P(self.dit_original_ckpt).is_file():
-                raise UserError(f"dit_original_ckpt {self.dit_original_ckpt!r} does not exist")
+        for name in ("dit_original_ckpt", "high_noise_original_ckpt", "low_noise_original_ckpt"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise UserError(f"{name} {value!r} does not exist")
+        if self.use_image_encoder is not None and not isinstance(self.use_image_encoder, bool):
+            raise UserError(f"use_image_encoder={self.use_image_encoder!r} must be true or false")
+        if self.vae_stride is not None:
+            if list(self.vae_stride) not in ([4, 8, 8], [4, 16, 16]):
+                raise UserError(f"vae_stride={self.vae_stride!r} is not supported; allowed: [4, 8, 8] (Wan2.1 VAE), "
+                                "[4, 16, 16] (Wan2.2 VAE)")
+            object.__setattr__(self, "vae_stride", tuple(self.vae_stride))
 
 
 @dataclass(frozen=True)
@@ -257,7 +301,7 @@ def normalise_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
             continue
         if key in FIXED:
             if (list(value) if isinstance(value, (list, tuple)) else value) != FIXED[key]:
-                raise UserError(f"{key}={value!r} ({source}) is not supported; Wan2.1 uses {FIXED[key]!r}")
+                raise UserError(f"{key}={value!r} ({source}) is not supported; Wan uses {FIXED[key]!r}")
             continue
         if key in IGNORED:
             continue

@@ -12,9 +12,10 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from lightx2v.errors import UserError
-from lightx2v.models.wan.checkpoint import (WAN_DIT_WEIGHTS, WAN_VAE_FILE, detect_layout, dit_folder,
-                                            dit_key_from_diffusers, dit_key_to_diffusers, iter_safetensors,
-                                            read_dit_config, safetensors_files)
+from lightx2v.models.wan.checkpoint import (WAN22_VAE_FILE, WAN_DIT_WEIGHTS, WAN_VAE_FILE,
+                                            detect_layout, dit_experts, dit_folder, dit_key_from_diffusers,
+                                            dit_key_to_diffusers, iter_safetensors, read_dit_config, read_json,
+                                            safetensors_files)
 from lightx2v.models.wan.runner import check_model_files
 
 LAYOUTS = ("wan", "diffusers")
@@ -30,22 +31,48 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, layout: str, quantiz
     scheme = resolve_scheme(quantize)
     src, dst = Path(src), Path(dst)
     src_layout = detect_layout(src)
-    image_input = read_dit_config(src, src_layout).has_image_input
-    check_model_files(src, src_layout, image_input)
+    experts = dit_experts(src, src_layout)
+    dit_cfg = read_dit_config(src, src_layout, experts[0])
+    image_input = dit_cfg.has_image_input
+    vae_src = _vae_source(src, src_layout)
+    check_model_files(src, src_layout, image_input, experts, vae_src)
     if dst.exists() and any(dst.iterdir()):
         raise UserError(f"destination {str(dst)!r} exists and is not empty")
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create destination folder {str(dst)!r}: {e.strerror or e}") from None
-    convert_dit(src, src_layout, dst, layout, scheme)
-    convert_vae(src, src_layout, dst, layout)
+    for expert in experts:
+        convert_dit(src, src_layout, dst, layout, scheme, expert)
+    z_dim = convert_vae(vae_src, dst, layout)
     convert_text_encoder(src, src_layout, dst, layout)
     if image_input:
         convert_image_encoder(src, src_layout, dst, layout)
     if layout == "diffusers":
-        write_diffusers_extras(dst, image_input)
+        pipeline = "WanImageToVideoPipeline" if image_input or dit_cfg.concat_condition else "WanPipeline"
+        extras = {}
+        if len(experts) > 1:  # Wan2.2 A14B: diffusers switches experts at boundary_ratio
+            extras["boundary_ratio"] = _boundary_ratio(src, src_layout, dit_cfg)
+        if z_dim == 48:  # Wan2.2 TI2V-5B: a timestep per token
+            extras["expand_timesteps"] = True
+        write_diffusers_extras(dst, image_input, pipeline=pipeline, two_experts=len(experts) > 1, **extras)
     return dst
+
+
+def _vae_source(src: Path, layout: str) -> Path:
+    if layout == "diffusers":
+        return src / "vae"
+    return src / WAN22_VAE_FILE if (src / WAN22_VAE_FILE).is_file() and not (src / WAN_VAE_FILE).is_file() \
+        else src / WAN_VAE_FILE
+
+
+def _boundary_ratio(src: Path, layout: str, dit_cfg) -> float:
+    """The source's own boundary (diffusers' model_index.json), else the Wan2.2 release's: 0.9 I2V, 0.875 T2V."""
+    if layout == "diffusers" and (src / "model_index.json").is_file():
+        ratio = read_json(src / "model_index.json", "model_index.json").get("boundary_ratio")
+        if ratio is not None:
+            return ratio
+    return 0.9 if dit_cfg.concat_condition else 0.875
 
 
 def _quantizable_weight_names(cfg) -> set[str]:
@@ -61,14 +88,15 @@ def _quantizable_weight_names(cfg) -> set[str]:
     return {f"{name}.weight" for name in quantizable_linears(model)}
 
 
-def convert_dit(src: Path, src_layout: str, dst: Path, layout: str, scheme: str | None = None) -> None:
+def convert_dit(src: Path, src_layout: str, dst: Path, layout: str, scheme: str | None = None,
+                expert: str | None = None) -> None:
     from lightx2v.ops.quant import quantize_weight
 
-    cfg = read_dit_config(src, src_layout)
+    cfg = read_dit_config(src, src_layout, expert)
     to_quantize = _quantizable_weight_names(cfg) if scheme else set()
-    out = dit_folder(dst, layout)
+    out = dit_folder(dst, layout, expert)
     out.mkdir(parents=True, exist_ok=True)
-    shards = safetensors_files(dit_folder(src, src_layout), WAN_DIT_WEIGHTS)
+    shards = safetensors_files(dit_folder(src, src_layout, expert), WAN_DIT_WEIGHTS)
     weight_map = {}
     for i, shard in enumerate(shards):
         sd = {}
@@ -91,15 +119,18 @@ def convert_dit(src: Path, src_layout: str, dst: Path, layout: str, scheme: str 
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def convert_vae(src: Path, src_layout: str, dst: Path, layout: str) -> None:
+def convert_vae(path: Path, dst: Path, layout: str) -> int:
+    """Rewrite the VAE at ``path`` (a .pth file or a diffusers vae/ folder); returns its latent width."""
     import torch
 
     from lightx2v.models.wan.vae import load_wan_vae, save_wan_vae
 
-    path = src / WAN_VAE_FILE if src_layout == "wan" else src / "vae"
     dtype = _stored_dtype(path)
     vae = load_wan_vae(path, dtype=dtype or torch.float32)
-    save_wan_vae(vae, dst / WAN_VAE_FILE if layout == "wan" else dst / "vae", layout=layout)
+    z_dim = vae.config.z_dim
+    name = WAN22_VAE_FILE if z_dim == 48 else WAN_VAE_FILE
+    save_wan_vae(vae, dst / name if layout == "wan" else dst / "vae", layout=layout)
+    return z_dim
 
 
 def _stored_dtype(path: Path):
@@ -129,7 +160,8 @@ def convert_image_encoder(src: Path, src_layout: str, dst: Path, layout: str) ->
     save_image_encoder(load_image_encoder(src, src_layout, dtype=None, keep_last_layer=True), dst, layout)
 
 
-def write_diffusers_extras(dst: Path, image_input: bool = False) -> None:
+def write_diffusers_extras(dst: Path, image_input: bool = False, *, pipeline: str | None = None,
+                           two_experts: bool = False, **pipeline_config) -> None:
     """model_index.json and the scheduler config, so that diffusers' WanPipeline.from_pretrained(dst) works."""
     from transformers import AutoTokenizer
 
@@ -145,6 +177,13 @@ def write_diffusers_extras(dst: Path, image_input: bool = False) -> None:
     if image_input:
         index.update(_class_name="WanImageToVideoPipeline", image_encoder=["transformers", "CLIPVisionModel"],
                      image_processor=["transformers", "CLIPImageProcessor"])
+    if pipeline is not None:
+        index["_class_name"] = pipeline
+    if pipeline == "WanImageToVideoPipeline" and not image_input:
+        index.update(image_encoder=[None, None], image_processor=[None, None])
+    if two_experts:
+        index["transformer_2"] = ["diffusers", "WanTransformer3DModel"]
+    index.update(pipeline_config)
     (dst / "model_index.json").write_text(json.dumps(index, indent=2))
     (dst / "scheduler").mkdir(exist_ok=True)
     sched = {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000, "prediction_type": "flow_prediction",

@@ -28,6 +28,9 @@ class LightX2VPipeline:
             raise UserError(f"unknown model_cls {model_cls!r}; supported: {', '.join(MODEL_CLASSES)}")
         if task not in TASKS:
             raise UserError(f"unknown task {task!r}; supported: {', '.join(TASKS)}")
+        if task not in MODEL_CLASS_DEFAULTS[model_cls]:
+            raise UserError(f"model_cls {model_cls!r} does not do task {task!r}; it does "
+                            f"{', '.join(MODEL_CLASS_DEFAULTS[model_cls])}")
         if model_path is not None and not Path(model_path).exists():
             raise UserError(f"model_path {str(model_path)!r} does not exist")
         self.model_path = None if model_path is None else Path(model_path)
@@ -38,18 +41,18 @@ class LightX2VPipeline:
     def create_generator(self, config_json: str | Path | None = None, **overrides: Any) -> "LightX2VPipeline":
         """Build the generator: defaults < ``config_json`` < keyword overrides. Loads the model weights."""
         from lightx2v.models.wan.runner import WanRunner
-        from lightx2v.models.wan.tiny import TINY_DEFAULTS, ensure_tiny_model
+        from lightx2v.models.wan.tiny import ensure_tiny_model, tiny_defaults
 
-        defaults: dict[str, Any] = dict(MODEL_CLASS_DEFAULTS[self.model_cls])
+        defaults: dict[str, Any] = dict(MODEL_CLASS_DEFAULTS[self.model_cls][self.task])
         model_path = self.model_path
         if model_path is None:
-            defaults.update(TINY_DEFAULTS[self.task])
+            defaults.update(tiny_defaults(self.task, self.model_cls))
         json_values = load_config_json(config_json) if config_json is not None else {}
         self.config = build_config(defaults, json_values, overrides)
         if model_path is None:
-            model_path = ensure_tiny_model(self.task)
+            model_path = ensure_tiny_model(self.task, self.model_cls)
         t0 = time.perf_counter()
-        self.runner = WanRunner(model_path, self.task, self.config)
+        self.runner = WanRunner(model_path, self.task, self.config, model_cls=self.model_cls)
         log.info("loaded %s (%s layout) on %s in %.1f s", model_path, self.runner.layout, self.runner.device,
                  time.perf_counter() - t0)
         return self
@@ -60,6 +63,8 @@ class LightX2VPipeline:
 
         if self.runner is None:
             raise UserError("call create_generator() before switch_lora()")
+        if len(self.runner.denoise.experts) > 1:
+            raise UserError("switch_lora is not supported yet for two-expert models; create a new generator")
         if self.runner.lora is None or self.runner.lora.mode != "dynamic":
             raise UserError('switch_lora needs LoRAs applied with lora_mode "dynamic" in create_generator()')
         self.runner.lora = self.runner.lora.switch_lora(LoRAConfig.from_lightx2v(lora_configs, mode="dynamic"))

@@ -19,8 +19,17 @@ class TextEmbeds:
 
 @dataclass(frozen=True)
 class ImageCond:
-    clip_tokens: torch.Tensor  # [1, 257 (or 514), 1280] CLIP tokens of the conditioning image(s)
-    latent_cond: torch.Tensor  # [1, 4 + z_dim, T, h, w]: frame mask + VAE latents of the conditioning frames
+    """How the conditioning image(s) enter the DiT.
+
+    ``mode="concat"`` (Wan2.1 I2V/FLF2V, Wan2.2 A14B I2V): ``latent_cond`` [1, 4 + z_dim, T, h, w] is the frame mask
+    and the VAE latents of the conditioning frames, concatenated to the noise latents on channels.
+    ``mode="first_frame"`` (Wan2.2 TI2V-5B): ``latent_cond`` [1, z_dim, 1, h, w] replaces the first latent frame,
+    whose timestep is then 0.
+    """
+
+    clip_tokens: torch.Tensor | None  # [1, 257 (or 514), 1280] CLIP tokens (Wan2.1 only), else None
+    latent_cond: torch.Tensor
+    mode: str = "concat"
 
 
 @dataclass(frozen=True)

@@ -350,8 +350,10 @@ def test_from_lightx2v(tmp_path):
     cfg = LoRAConfig.from_lightx2v([{"path": path, "strength": 0.5}, {"path": path}])
     assert cfg == LoRAConfig((LoRASpec(path, 0.5), LoRASpec(path, 1.0)), "merge")
     assert LoRAConfig.from_lightx2v([{"path": path}], mode="dynamic").mode == "dynamic"
+    named = LoRAConfig.from_lightx2v([{"path": path, "strength": 1.0, "name": "high_noise_model"}])
+    assert named.loras[0].name == "high_noise_model"  # the expert of a two-expert model it goes to
     with pytest.raises(UserError, match="name"):
-        LoRAConfig.from_lightx2v([{"path": path, "strength": 1.0, "name": "high_noise_model"}])
+        LoRAConfig.from_lightx2v([{"path": path, "strength": 1.0, "name": "medium_noise_model"}])
     missing = str(tmp_path / "missing.safetensors")
     with pytest.raises(UserError, match="missing.safetensors"):
         LoRAConfig.from_lightx2v([{"path": missing}])

@@ -42,6 +42,38 @@ def build_diffusers_wan_i2v_pipeline(tok_dir, flf: bool = False):
         scheduler=t2v.scheduler, image_encoder=clip, image_processor=processor)
 
 
+def tiny_diffusers_dit(in_channels: int = 16, out_channels: int = 16, image_dim=None, flf: bool = False, seed: int = 2):
+    import diffusers
+
+    dit = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=in_channels,
+        out_channels=out_channels, text_dim=32, freq_dim=64, ffn_dim=96, num_layers=2, cross_attn_norm=True, eps=1e-6,
+        image_dim=image_dim, added_kv_proj_dim=48 if image_dim else None,
+        pos_embed_seq_len=2 * 257 if flf else None).eval()
+    randomise(dit, seed)
+    with torch.no_grad():  # make the prompt matter among 512 mostly padded text tokens
+        for block in dit.blocks:
+            block.attn2.norm_k.weight.mul_(4.0)
+            block.attn2.to_out[0].weight.mul_(4.0)
+            if image_dim:  # and the image tokens too
+                block.attn2.norm_added_k.weight.mul_(4.0)
+    return dit
+
+
+def build_diffusers_wan22_moe_pipeline(tok_dir, task: str):
+    """Wan2.2 A14B at toy size: two experts (different random weights); I2V without CLIP."""
+    import diffusers
+
+    base = build_diffusers_wan_pipeline(tok_dir, in_channels=36 if task == "i2v" else 16)
+    low = tiny_diffusers_dit(36 if task == "i2v" else 16, seed=12)
+    parts = dict(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+                 transformer=base.transformer, transformer_2=low)
+    if task == "i2v":
+        return diffusers.WanImageToVideoPipeline(**parts, image_encoder=None, image_processor=None,
+                                                 boundary_ratio=0.9)
+    return diffusers.WanPipeline(**parts, boundary_ratio=0.875)
+
+
 def build_diffusers_wan_pipeline(tok_dir, in_channels: int = 16, image_dim=None, flf: bool = False):
     import diffusers
     from transformers import UMT5Config, UMT5EncoderModel
@@ -51,17 +83,7 @@ def build_diffusers_wan_pipeline(tok_dir, in_channels: int = 16, image_dim=None,
                                      num_heads=4, relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
                                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)).eval()
     randomise(t5, 1)
-    dit = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=in_channels, out_channels=16,
-        text_dim=32, freq_dim=64, ffn_dim=96, num_layers=2, cross_attn_norm=True, eps=1e-6, image_dim=image_dim,
-        added_kv_proj_dim=48 if image_dim else None, pos_embed_seq_len=2 * 257 if flf else None).eval()
-    randomise(dit, 2)
-    with torch.no_grad():  # make the prompt matter among 512 mostly padded text tokens
-        for block in dit.blocks:
-            block.attn2.norm_k.weight.mul_(4.0)
-            block.attn2.to_out[0].weight.mul_(4.0)
-            if image_dim:  # and the image tokens too
-                block.attn2.norm_added_k.weight.mul_(4.0)
+    dit = tiny_diffusers_dit(in_channels, image_dim=image_dim, flf=flf)
     vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                                      temperal_downsample=[False, True, True]).eval()
     randomise(vae, 3)

@@ -68,14 +68,20 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # --- configuration --------------------------------------------------------------------------------------------
 
 
+EXPERT_NAMES = ("high_noise_model", "low_noise_model")
+
+
 @dataclass(frozen=True)
 class LoRASpec:
     """One LoRA file and the strength it is applied with."""
 
     path: str
     strength: float = 1.0
+    name: str | None = None  # two-expert models: "high_noise_model" / "low_noise_model" (None: every expert)
 
     def __post_init__(self):
+        if self.name not in EXPERT_NAMES + (None,):
+            raise UserError(f"LoRA name {self.name!r} is not one of {', '.join(EXPERT_NAMES)} (the expert it is for)")
         if not isinstance(self.path, (str, Path)) or not str(self.path):
             raise UserError(f"LoRA path must be a non-empty string, got {self.path!r}")
         object.__setattr__(self, "path", str(self.path))
@@ -101,7 +107,7 @@ class LoRAConfig:
         if self.mode not in MODES:
             raise UserError(f"LoRA mode {self.mode!r} is not one of {', '.join(MODES)}")
 
-    _ENTRY_KEYS = ("path", "strength")
+    _ENTRY_KEYS = ("path", "strength", "name")
 
     @classmethod
     def from_lightx2v(cls, lora_configs: list[dict], mode: str = "merge") -> "LoRAConfig":
@@ -123,7 +129,10 @@ class LoRAConfig:
             if not Path(path).is_file():
                 what = "is not a file" if Path(path).exists() else "does not exist"
                 raise UserError(f"lora_configs[{i}]: LoRA file {path!r} {what}")
-            specs.append(LoRASpec(path, entry.get("strength", 1.0)))
+            name = entry.get("name")
+            if name not in EXPERT_NAMES + (None,):
+                raise UserError(f"lora_configs[{i}].name={name!r} is not one of {', '.join(EXPERT_NAMES)}")
+            specs.append(LoRASpec(path, entry.get("strength", 1.0), name))
         return cls(tuple(specs), mode)
 
 

@@ -227,7 +227,7 @@ class CheckpointBlocks:
     """
 
     def __init__(self, model_dir: str | Path | None = None, layout: str = "wan", *,
-                 weights_file: str | Path | None = None):
+                 weights_file: str | Path | None = None, expert: str | None = None):
         from safetensors import safe_open
 
         from lightx2v.models.wan.checkpoint import (
@@ -238,7 +238,7 @@ class CheckpointBlocks:
         if weights_file is not None:
             self.files = [require_file(Path(weights_file), "DiT weights file")]
         elif model_dir is not None:
-            self.files = safetensors_files(dit_folder(Path(model_dir), layout), WAN_DIT_WEIGHTS)
+            self.files = safetensors_files(dit_folder(Path(model_dir), layout, expert), WAN_DIT_WEIGHTS)
         else:
             raise UserError("CheckpointBlocks needs a model folder or a weights file")
         self._index: dict[str, tuple[int, str]] = {}  # wan key -> (file number, key in the file)
@@ -345,23 +345,23 @@ def _fill(flat: torch.Tensor, layout: tuple[_Spec, ...], tensors: Mapping[str, t
 
 
 def load_dit_without_blocks(model_dir: str | Path, layout: str, *, attn, device="cpu",
-                            dtype: torch.dtype = torch.float32):
+                            dtype: torch.dtype = torch.float32, expert: str | None = None):
     """Build a WanDiT on the meta device and load only its non-block weights (strictly) onto ``device``; the block
     weights stay on the meta device with their dtypes set, for ``apply_offload(..., lazy_load=True)``."""
     from lightx2v.models.wan.checkpoint import assign_strict, dit_folder, read_dit_config
     from lightx2v.models.wan.dit import WanDiT
 
-    cfg = read_dit_config(Path(model_dir), layout)
+    cfg = read_dit_config(Path(model_dir), layout, expert)
     with torch.device("meta"):
         model = WanDiT(cfg, attn)
     holder = nn.Module()  # the non-block submodules under their own names, so strict loading accounts for each key
     for name, child in model.named_children():
         if name != "blocks" and child is not None:
             holder.add_module(name, child)
-    source = CheckpointBlocks(model_dir, layout)
+    source = CheckpointBlocks(model_dir, layout, expert=expert)
     tensors = ((k, source.get(k)) for k in list(source.keys()) if not k.startswith("blocks."))
     dtype_for = lambda name: torch.float32 if WanDiT.is_float32_param(name) else dtype  # noqa: E731
-    assign_strict(holder, tensors, what=f"DiT checkpoint in {dit_folder(Path(model_dir), layout)}",
+    assign_strict(holder, tensors, what=f"DiT checkpoint in {dit_folder(Path(model_dir), layout, expert)}",
                   dtype_for=dtype_for, device=device)
     source.close()
     model.to_inference_dtype(dtype)  # block tensors: meta, now with the dtypes the slots will use

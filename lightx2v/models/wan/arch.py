@@ -28,14 +28,19 @@ class WanDiTConfig:
     text_len: int = 512
     eps: float = 1e-6
     patch_size: tuple[int, int, int] = (1, 2, 2)
-    model_type: str = "t2v"  # "t2v" | "i2v" | "flf2v"
+    model_type: str = "t2v"  # "t2v" | "i2v" | "flf2v" | "ti2v" (Wan2.2 5B)
     image_dim: int = IMAGE_EMBED_DIM
+    # CLIP image tokens through img_emb and the cross-attention's k_img/v_img: Wan2.1 I2V/FLF2V. Wan2.2's I2V DiTs
+    # (same model_type "i2v") have none; None: decided by model_type (the loader corrects it from the weights).
+    clip_input: bool | None = None
 
     def __post_init__(self):
         if self.dim % self.num_heads:
             raise CheckpointError(f"DiT dim {self.dim} is not divisible by num_heads {self.num_heads}")
-        if self.model_type not in ("t2v", "i2v", "flf2v"):
-            raise CheckpointError(f"DiT model_type {self.model_type!r} is not one of t2v, i2v, flf2v")
+        if self.model_type not in ("t2v", "i2v", "flf2v", "ti2v"):
+            raise CheckpointError(f"DiT model_type {self.model_type!r} is not one of t2v, i2v, flf2v, ti2v")
+        if self.clip_input is None:
+            object.__setattr__(self, "clip_input", self.model_type in ("i2v", "flf2v"))
         if self.head_dim % 2 or self.head_dim < 6:
             raise CheckpointError(f"DiT head_dim {self.head_dim} must be even and >= 6 for 3D RoPE")
 
@@ -45,13 +50,19 @@ class WanDiTConfig:
 
     @property
     def has_image_input(self) -> bool:
-        return self.model_type in ("i2v", "flf2v")
+        """Takes CLIP image tokens (Wan2.1 I2V / FLF2V)."""
+        return bool(self.clip_input)
+
+    @property
+    def concat_condition(self) -> bool:
+        """Takes the I2V conditioning (frame mask + VAE latents) concatenated to the noise latents on channels."""
+        return self.in_dim > self.out_dim
 
     # -- original Wan layout -------------------------------------------------------------------------------
     _WAN_KEYS = ("dim", "ffn_dim", "freq_dim", "in_dim", "out_dim", "num_heads", "num_layers", "text_len", "eps",
                  "model_type")
     # Not in the Wan release's config.json (its values are fixed there); we read and write them for other sizes.
-    _WAN_EXTRA = ("patch_size", "text_dim", "image_dim")
+    _WAN_EXTRA = ("patch_size", "text_dim", "image_dim", "clip_input")
     _WAN_IGNORED = ("_class_name", "_diffusers_version", "window_size", "qk_norm", "cross_attn_norm") + _WAN_EXTRA
 
     @classmethod
@@ -67,6 +78,7 @@ class WanDiTConfig:
         kw["patch_size"] = tuple(d.get("patch_size", (1, 2, 2)))
         kw["text_dim"] = d.get("text_dim", 4096)
         kw["image_dim"] = d.get("image_dim", IMAGE_EMBED_DIM)
+        kw["clip_input"] = d.get("clip_input")
         return cls(**kw)
 
     def to_wan_config(self) -> dict:
@@ -75,6 +87,8 @@ class WanDiTConfig:
                  window_size=[-1, -1], qk_norm=True, cross_attn_norm=True)
         if self.has_image_input:
             d["image_dim"] = self.image_dim
+        elif self.model_type in ("i2v", "flf2v"):
+            d["clip_input"] = False  # a Wan2.2 I2V DiT (the Wan2.2 release tells it apart by its weights only)
         return d
 
     # -- diffusers layout -----------------------------------------------------------------------------------
@@ -96,12 +110,14 @@ class WanDiTConfig:
         model_type = "t2v"
         if image_dim is not None:
             model_type = "flf2v" if d.get("pos_embed_seq_len") else "i2v"
+        elif d.get("in_channels", 16) > (d.get("out_channels") or d.get("in_channels", 16)):
+            model_type = "i2v"  # Wan2.2 I2V: conditioning latents on channels, no CLIP tokens
         return cls(
             dim=heads * head_dim, ffn_dim=d.get("ffn_dim", 13824), num_heads=heads,
             num_layers=d.get("num_layers", 40), in_dim=d.get("in_channels", 16),
             out_dim=d.get("out_channels") or d.get("in_channels", 16), freq_dim=d.get("freq_dim", 256),
             text_dim=d.get("text_dim", 4096), eps=d.get("eps", 1e-6), patch_size=tuple(d.get("patch_size", (1, 2, 2))),
-            model_type=model_type, image_dim=image_dim or IMAGE_EMBED_DIM,
+            model_type=model_type, image_dim=image_dim or IMAGE_EMBED_DIM, clip_input=image_dim is not None,
         )
 
     def to_diffusers_config(self) -> dict:
@@ -129,6 +145,11 @@ PRESETS: dict[str, WanDiTConfig] = {
                                    model_type="i2v"),
     "wan2.1-flf2v-14b": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36,
                                      model_type="flf2v"),
+    "wan2.2-a14b": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),  # per expert (T2V)
+    "wan2.2-i2v-a14b": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36,
+                                    model_type="i2v", clip_input=False),
+    "wan2.2-ti2v-5b": WanDiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48,
+                                   model_type="ti2v"),
     # The built-in tiny model: Wan's architecture at toy sizes (random weights; its output is noise).
     "tiny": WanDiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32),
 }

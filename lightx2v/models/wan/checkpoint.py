@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -28,6 +29,7 @@ from lightx2v.models.wan.arch import WanDiTConfig
 
 WAN_DIT_WEIGHTS = "diffusion_pytorch_model"
 WAN_VAE_FILE = "Wan2.1_VAE.pth"
+WAN22_VAE_FILE = "Wan2.2_VAE.pth"  # Wan2.2 TI2V-5B (48 latent channels, 16x); A14B uses Wan2.1's
 WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 WAN_TOKENIZER_DIR = "google/umt5-xxl"
 
@@ -43,7 +45,8 @@ def detect_layout(model_path: str | Path) -> str:
         raise UserError(f"model path {str(root)!r} is not a directory")
     if (root / "transformer").is_dir() or (root / "model_index.json").is_file():
         return "diffusers"
-    if (root / "config.json").is_file() or any(root.glob(f"{WAN_DIT_WEIGHTS}*.safetensors")):
+    if (root / "config.json").is_file() or any(root.glob(f"{WAN_DIT_WEIGHTS}*.safetensors")) \
+            or (root / EXPERT_FOLDERS["wan"]["high"]).is_dir():
         return "wan"
     raise UserError(
         f"model path {str(root)!r} holds neither layout: expected the original Wan files (config.json, "
@@ -292,18 +295,58 @@ def _strip_wan_prefix(key: str) -> str:
     return key[len("model.diffusion_model."):] if key.startswith("model.diffusion_model.") else key
 
 
-def dit_folder(model_dir: Path, layout: str) -> Path:
+# Wan2.2 A14B: two expert DiTs, "high" (timesteps >= boundary) and "low" noise, each in its own folder.
+EXPERT_FOLDERS = {"wan": {"high": "high_noise_model", "low": "low_noise_model"},
+                  "diffusers": {"high": "transformer", "low": "transformer_2"}}
+EXPERTS = ("high", "low")
+
+
+def dit_experts(model_dir: Path, layout: str) -> tuple[str | None, ...]:
+    """("high", "low") for a two-expert (Wan2.2 A14B) checkpoint, else (None,): one DiT."""
+    root = Path(model_dir)
+    folders = EXPERT_FOLDERS[layout]
+    if layout == "wan" and ((root / folders["high"]).is_dir() or (root / folders["low"]).is_dir()):
+        absent = [folders[e] for e in EXPERTS if not (root / folders[e]).is_dir()]
+        if absent:
+            raise CheckpointError(f"two-expert checkpoint {root} lacks the folder {absent[0]}/")
+        return EXPERTS
+    if layout == "diffusers" and (root / folders["low"]).is_dir():
+        return EXPERTS
+    return (None,)
+
+
+def dit_folder(model_dir: Path, layout: str, expert: str | None = None) -> Path:
+    """The DiT's folder; ``expert`` ("high" / "low") picks one of the two Wan2.2 A14B experts."""
+    if expert is not None:
+        return Path(model_dir) / EXPERT_FOLDERS[layout][expert]
     return Path(model_dir) / "transformer" if layout == "diffusers" else Path(model_dir)
 
 
-def read_dit_config(model_dir: Path, layout: str) -> WanDiTConfig:
-    d = read_json(dit_folder(model_dir, layout) / "config.json", "DiT config")
-    return WanDiTConfig.from_diffusers_config(d) if layout == "diffusers" else WanDiTConfig.from_wan_config(d)
+def dit_weight_names(model_dir: Path, layout: str, expert: str | None = None) -> list[str]:
+    """The tensor names stored in the DiT's safetensors files (headers only; nothing is read)."""
+    names = []
+    for f in safetensors_files(dit_folder(model_dir, layout, expert), WAN_DIT_WEIGHTS):
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            names.extend(sf.keys())
+    return names
 
 
-def dit_tensors(model_dir: Path, layout: str) -> Iterator[tuple[str, torch.Tensor]]:
+def read_dit_config(model_dir: Path, layout: str, expert: str | None = None) -> WanDiTConfig:
+    d = read_json(dit_folder(model_dir, layout, expert) / "config.json", "DiT config")
+    if layout == "diffusers":
+        return WanDiTConfig.from_diffusers_config(d)
+    cfg = WanDiTConfig.from_wan_config(d)
+    if cfg.has_image_input and "clip_input" not in d:
+        # Wan2.1 and Wan2.2 I2V DiTs share model_type "i2v"; only Wan2.1's carry the CLIP projection img_emb.
+        names = dit_weight_names(model_dir, layout, expert)
+        if not any(_strip_wan_prefix(k).startswith("img_emb.") for k in names):
+            cfg = replace(cfg, clip_input=False)
+    return cfg
+
+
+def dit_tensors(model_dir: Path, layout: str, expert: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(wan key, tensor) pairs streamed from the checkpoint, in either layout."""
-    files = safetensors_files(dit_folder(model_dir, layout), WAN_DIT_WEIGHTS)
+    files = safetensors_files(dit_folder(model_dir, layout, expert), WAN_DIT_WEIGHTS)
     for key, t in iter_safetensors(files):
         yield (dit_key_from_diffusers(key) if layout == "diffusers" else _strip_wan_prefix(key)), t
 
@@ -318,20 +361,22 @@ def single_file_dit_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_dit(model_dir: Path, layout: str, *, attn, device="cpu", dtype=torch.float32,
-             weights_file: Path | None = None, quant_scheme: str | None = None):
+             weights_file: Path | None = None, quant_scheme: str | None = None, expert: str | None = None):
     """Build a WanDiT on the meta device and stream its weights in (strict). ``weights_file``: one safetensors
     file to take the weights from instead of the folder's (LightX2V's ``dit_original_ckpt``). ``quant_scheme``
     ("fp8" / "int8"): the block linears become QuantLinear; float weights are quantized as they stream in (on
-    ``device``), pre-quantized ones (``X.weight`` + ``X.weight_scale``) are taken as they are."""
+    ``device``), pre-quantized ones (``X.weight`` + ``X.weight_scale``) are taken as they are. ``expert``: which
+    DiT of a two-expert checkpoint ("high" / "low")."""
     from lightx2v.models.wan.dit import WanDiT
 
-    cfg = read_dit_config(model_dir, layout)
+    cfg = read_dit_config(model_dir, layout, expert)
     with torch.device("meta"):
         model = WanDiT(cfg, attn)
     if weights_file is not None:
         tensors, what = single_file_dit_tensors(weights_file), f"DiT weights file {weights_file}"
     else:
-        tensors, what = dit_tensors(model_dir, layout), f"DiT checkpoint in {dit_folder(model_dir, layout)}"
+        tensors = dit_tensors(model_dir, layout, expert)
+        what = f"DiT checkpoint in {dit_folder(model_dir, layout, expert)}"
     quantized: set[str] = set()
     if quant_scheme is not None:
         from lightx2v.ops.quant import apply_quantization, quantizable_linears
@@ -374,9 +419,10 @@ def _quantize_stream(tensors, quantized: set[str], scheme: str, device, what: st
         yield name, t
 
 
-def save_dit(state_dict: dict[str, torch.Tensor], cfg: WanDiTConfig, out_dir: Path, layout: str) -> None:
+def save_dit(state_dict: dict[str, torch.Tensor], cfg: WanDiTConfig, out_dir: Path, layout: str,
+             expert: str | None = None) -> None:
     """Write a DiT state dict (wan key names) in ``layout`` under ``out_dir`` (a model root)."""
-    folder = dit_folder(out_dir, layout)
+    folder = dit_folder(out_dir, layout, expert)
     folder.mkdir(parents=True, exist_ok=True)
     if layout == "diffusers":
         sd = {dit_key_to_diffusers(k): v.contiguous() for k, v in state_dict.items()}

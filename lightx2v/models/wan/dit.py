@@ -146,6 +146,56 @@ class Rope(NamedTuple):
     sin: torch.Tensor
 
 
+class TokenRuns(NamedTuple):
+    """Timestep conditioning that differs along the sequence (Wan2.2 TI2V: the conditioning frame at t = 0).
+
+    Tokens are frame-major, so frames that share a timestep are one contiguous run of tokens; run r covers tokens
+    ``bounds[r]:bounds[r + 1]``. ``e``: [B, R, 6, C] float32 time projection per run; ``temb``: [B, R, C].
+    """
+
+    e: torch.Tensor
+    temb: torch.Tensor
+    bounds: tuple[int, ...]
+
+    def slices(self) -> list[slice]:
+        return [slice(a, b) for a, b in zip(self.bounds, self.bounds[1:])]
+
+
+def modulation_runs(table: torch.Tensor, e) -> list[tuple[slice, tuple[torch.Tensor, ...]]]:
+    """(token slice, (shift, scale, ...)) per run of equal timesteps: ``table`` [1, k, C] float32 + the time
+    projection, split into k rows of [B, 1, C]. One run over all tokens (``slice(None)``) when ``e`` is a tensor."""
+    if isinstance(e, TokenRuns):
+        return [(sl, (table.float() + e.e[:, r]).chunk(table.shape[1], dim=1)) for r, sl in enumerate(e.slices())]
+    return [(slice(None), (table.float() + e).chunk(table.shape[1], dim=1))]
+
+
+def modulate_runs(x: torch.Tensor, runs, i_shift: int, i_scale: int, eps: float, chunk: int | None) -> torch.Tensor:
+    """:func:`modulate` with the shift/scale of each run of tokens."""
+    if len(runs) == 1:
+        _, m = runs[0]
+        return modulate(x, m[i_shift], m[i_scale], eps, chunk)
+    out = torch.empty_like(x)
+    for sl, m in runs:
+        if use_fused(x):
+            fused.norm_modulate(x[:, sl], m[i_shift], m[i_scale], eps, out=out[:, sl])
+        else:
+            out[:, sl] = modulate(x[:, sl], m[i_shift], m[i_scale], eps, chunk)
+    return out
+
+
+def gated_add_runs(x: torch.Tensor, y: torch.Tensor, runs, i_gate: int, chunk: int | None) -> torch.Tensor:
+    """:func:`gated_add` with the gate of each run of tokens."""
+    if len(runs) == 1:
+        return gated_add(x, y, runs[0][1][i_gate], chunk)
+    out = torch.empty_like(x)
+    for sl, m in runs:
+        if use_fused(x):
+            fused.gated_residual(x[:, sl], y[:, sl], m[i_gate], out=out[:, sl])
+        else:
+            out[:, sl] = gated_add(x[:, sl], y[:, sl], m[i_gate], chunk)
+    return out
+
+
 # --- attention ------------------------------------------------------------------------------------------------
 
 class SelfAttention(nn.Module):
@@ -162,12 +212,11 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
         self.attn = attn
 
-    def forward(self, x: torch.Tensor, rope: "Rope", shift=None, scale=None, eps: float = 1e-6,
-                chunk: int | None = None) -> torch.Tensor:
-        """x: [B, L, C] -> [B, L, C]. With ``shift``/``scale`` the adaLN-modulated input is computed here, so that
-        it can be dropped as soon as q, k and v exist (it is as large as x); q, k and v are dropped before the
+    def forward(self, x: torch.Tensor, rope: "Rope", premodulate=None) -> torch.Tensor:
+        """x: [B, L, C] -> [B, L, C]. ``premodulate(x)`` (the block's adaLN) is applied here, so that the modulated
+        input can be dropped as soon as q, k and v exist (it is as large as x); q, k and v are dropped before the
         output projection. Peak activation memory during attention: x, q, k, v and the attention output."""
-        y = x if shift is None else modulate(x, shift, scale, eps, chunk)
+        y = x if premodulate is None else premodulate(x)
         heads = self.num_heads
         if use_fused(y):  # q/k: RMSNorm and RoPE in one pass, in place
             q = fused.rms_norm_rope_(self.q(y).unflatten(-1, (heads, -1)), self.norm_q.weight, self.norm_q.eps,
@@ -241,23 +290,37 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))  # float32: adaLN shift/scale/gate offsets
 
     def forward(self, x, e, context, context_img, rope):
-        """x: [B, L, C]; e: [B, 6, C] float32 time projection; context(_img): [B, Lt(/Li), C]."""
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e).chunk(6, dim=1)  # [B, 1, C]
-        n = self.chunk_tokens
-        x = gated_add(x, self.self_attn(x, rope, shift, scale, self.eps, n), gate, n)
+        """x: [B, L, C]; e: [B, 6, C] float32 time projection (or :class:`TokenRuns`); context(_img): [B, Lt(/Li), C].
+        """
+        # adaLN rows per run of tokens: shift, scale, gate (self-attention), c_shift, c_scale, c_gate (FFN)
+        runs = modulation_runs(self.modulation, e)
+        n, eps = self.chunk_tokens, self.eps
+        y = self.self_attn(x, rope, lambda t: modulate_runs(t, runs, 0, 1, eps, n))
+        x = gated_add_runs(x, y, runs, 2, n)
+        del y
         x = x + self.cross_attn(self.norm3(x), context, context_img)
-        chunks = token_chunks(x.shape[1], n)
-        if len(chunks) == 1:
-            return gated_add(x, self.ffn(modulate(x, c_shift, c_scale, self.eps, None)), c_gate, None)
+        pieces = [(sl, m) for run, m in runs for sl in _run_chunks(run, x.shape[1], n)]
+        if len(pieces) == 1:
+            m = pieces[0][1]
+            return gated_add(x, self.ffn(modulate(x, m[3], m[4], eps, None)), m[5], None)
         out = torch.empty_like(x)
-        for sl in chunks:  # the FFN's hidden activation ([L, ffn_dim]) is the largest: never whole
+        for sl, m in pieces:  # the FFN's hidden activation ([L, ffn_dim]) is the largest: never whole
             xs = x[:, sl]
-            h = self.ffn(modulate(xs, c_shift, c_scale, self.eps, None))
+            h = self.ffn(modulate(xs, m[3], m[4], eps, None))
             if use_fused(xs):
-                fused.gated_residual(xs, h, c_gate, out=out[:, sl])
+                fused.gated_residual(xs, h, m[5], out=out[:, sl])
             else:
-                out[:, sl] = xs.float() + h.float() * c_gate
+                out[:, sl] = xs.float() + h.float() * m[5]
         return out
+
+
+def _run_chunks(run: slice, length: int, chunk: int | None) -> list[slice]:
+    """The token chunks of one run (``slice(None)``: the whole sequence)."""
+    if run == slice(None):
+        return token_chunks(length, chunk)
+    if not chunk or run.stop - run.start <= chunk:
+        return [run]
+    return [slice(s, min(s + chunk, run.stop)) for s in range(run.start, run.stop, chunk)]
 
 
 class Head(nn.Module):
@@ -267,8 +330,14 @@ class Head(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, C]; temb: [B, C] float32 -> [B, L, out_dim * prod(patch)]."""
+    def forward(self, x: torch.Tensor, temb) -> torch.Tensor:
+        """x: [B, L, C]; temb: [B, C] float32 (or :class:`TokenRuns`) -> [B, L, out_dim * prod(patch)]."""
+        if isinstance(temb, TokenRuns):
+            y = torch.empty_like(x)
+            for r, sl in enumerate(temb.slices()):
+                shift, scale = (self.modulation.float() + temb.temb[:, r, None]).chunk(2, dim=1)
+                y[:, sl] = layer_norm_f32(x[:, sl], self.eps) * (1 + scale) + shift
+            return self.head(y)
         shift, scale = (self.modulation.float() + temb[:, None]).chunk(2, dim=1)
         return self.head((layer_norm_f32(x, self.eps) * (1 + scale) + shift).to(x.dtype))
 
@@ -365,7 +434,8 @@ class WanDiT(nn.Module):
                 clip_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """
         x:           [B, in_dim, F, H, W] latents (I2V: noise latents concatenated with the 20 conditioning channels)
-        t:           [B] timesteps (0..1000, float)
+        t:           [B] timesteps (0..1000, float); or [B, F] one per latent frame, or [B, L] one per token
+                     (constant within a frame), for Wan2.2 TI2V whose conditioning frame is at t = 0
         context:     [B, text_len, text_dim] text embeddings (zero-padded past the prompt)
         clip_tokens: [B, 257, 1280] CLIP image tokens (I2V) / [B, 514, 1280] (FLF2V)
         returns      [B, out_dim, F, H, W] float32 velocity
@@ -379,11 +449,34 @@ class WanDiT(nn.Module):
         dtype = self.dtype
 
         tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # [B, L, C]
-        temb, e = self.embed_time(t.expand(b) if t.numel() == 1 else t)
+        temb, e = self.embed_timesteps(t, b, grid)
         ctx = self.text_embedding(context.to(dtype))
         ctx_img = self.img_emb(clip_tokens.to(dtype)) if self.img_emb is not None else None
         tokens = self.run_blocks(tokens, e, ctx, ctx_img, self.rope(grid, x.device))
-        return self.unpatchify(self.head(tokens, temb), grid)
+        return self.unpatchify(self.head(tokens, e if isinstance(e, TokenRuns) else temb), grid)
+
+    def embed_timesteps(self, t: torch.Tensor, b: int, grid: tuple[int, int, int]):
+        """(temb [B, C], e [B, 6, C]) for one timestep per sample; for timesteps per frame or token (Wan2.2 TI2V),
+        the runs of frames sharing a timestep, as :class:`TokenRuns` in place of e (one run: the plain form)."""
+        if t.dim() <= 1:
+            return self.embed_time(t.expand(b) if t.numel() == 1 else t)
+        f, per_frame = grid[0], grid[1] * grid[2]
+        if t.shape == (b, f * per_frame) and per_frame > 1:  # per token: must be constant within each frame
+            frames = t.reshape(b, f, per_frame)
+            if not torch.equal(frames, frames[:, :, :1].expand_as(frames)):
+                raise ValueError("per-token timesteps must be constant within each latent frame")
+            t = frames[:, :, 0]
+        if t.shape != (b, f):
+            raise ValueError(f"timesteps of shape {tuple(t.shape)}: expected [{b}], [{b}, {f}] (per latent frame) "
+                             f"or [{b}, {f * per_frame}] (per token)")
+        change = [0] + [i for i in range(1, f) if not torch.equal(t[:, i], t[:, i - 1])] + [f]
+        if len(change) == 2:
+            return self.embed_time(t[:, 0])
+        starts = torch.tensor(change[:-1], device=t.device)
+        temb, e = self.embed_time(t[:, starts].reshape(-1))  # [B * R, C], [B * R, 6, C]
+        r = len(change) - 1
+        return temb, TokenRuns(e.unflatten(0, (b, r)), temb.unflatten(0, (b, r)),
+                               tuple(i * per_frame for i in change))
 
     def run_blocks(self, tokens, e, ctx, ctx_img, rope) -> torch.Tensor:
         """The block stack: [B, L, C] -> [B, L, C]. Feature-caching hooks replace this method on an instance."""

@@ -10,8 +10,9 @@ import contextlib
 import logging
 import resource
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,9 @@ from tqdm.auto import tqdm
 
 from lightx2v.config import GeneratorConfig, SamplingConfig
 from lightx2v.errors import CheckpointError, UserError
-from lightx2v.models.wan.checkpoint import (WAN_T5_FILE, WAN_TOKENIZER_DIR, WAN_VAE_FILE, detect_layout, dit_folder,
-                                            load_dit, read_dit_config, safetensors_files)
+from lightx2v.models.wan.checkpoint import (EXPERT_FOLDERS, WAN22_VAE_FILE, WAN_T5_FILE, WAN_TOKENIZER_DIR,
+                                            WAN_VAE_FILE, detect_layout, dit_experts, dit_folder, load_dit,
+                                            read_dit_config, safetensors_files)
 from lightx2v.ops.attention import get_attention_backend
 from lightx2v.schedulers import make_scheduler
 from lightx2v.stages import Frames, ImageCond, Latents, TextEmbeds
@@ -43,17 +45,21 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
     return dev, _DTYPES[dtype]
 
 
-def check_model_files(root: Path, layout: str, image_input: bool = False) -> None:
-    """Fail early, naming the first missing file or folder of the checkpoint."""
+def check_model_files(root: Path, layout: str, image_input: bool = False, experts=(None,),
+                      vae_path: Path | None = None) -> None:
+    """Fail early, naming the first missing file or folder of the checkpoint. ``image_input``: CLIP files too."""
+    dit_configs = [str(dit_folder(root, layout, e).relative_to(root) / "config.json") for e in experts]
     if layout == "wan":
-        names = ["config.json", WAN_VAE_FILE, WAN_T5_FILE, WAN_TOKENIZER_DIR] + ([WAN_CLIP_FILE] if image_input else [])
+        vae = (vae_path or root / WAN_VAE_FILE).relative_to(root)
+        names = dit_configs + [str(vae), WAN_T5_FILE, WAN_TOKENIZER_DIR] + ([WAN_CLIP_FILE] if image_input else [])
     else:
-        names = ["transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"]
+        names = dit_configs + ["vae/config.json", "text_encoder/config.json", "tokenizer"]
         names += ["image_encoder/config.json", "image_processor"] if image_input else []
     for name in names:
         if not (root / name).exists():
             raise CheckpointError(f"missing {name} in the {layout} checkpoint folder {root}")
-    safetensors_files(dit_folder(root, layout), "diffusion_pytorch_model")
+    for e in experts:
+        safetensors_files(dit_folder(root, layout, e), "diffusion_pytorch_model")
 
 
 class ComponentSlot:
@@ -97,9 +103,11 @@ class EncodeStage:
     """prompt(s) (+ image(s)) -> TextEmbeds (+ ImageCond)."""
 
     def __init__(self, text_encoder: ComponentSlot, device: torch.device, image_encoder: ComponentSlot | None = None,
-                 vae: ComponentSlot | None = None, tiling=None):
+                 vae: ComponentSlot | None = None, tiling=None, image_mode: str = "concat",
+                 vae_spatial: int = VAE_SPATIAL, size_multiple: int = 2 * VAE_SPATIAL):
         self.text_encoder, self.image_encoder, self.vae = text_encoder, image_encoder, vae
-        self.device, self.tiling = device, tiling
+        self.device, self.tiling, self.image_mode = device, tiling, image_mode
+        self.vae_spatial, self.size_multiple = vae_spatial, size_multiple
 
     @torch.inference_mode()
     def text(self, prompt: str, negative_prompt: str, do_cfg: bool) -> TextEmbeds:
@@ -117,17 +125,29 @@ class EncodeStage:
         from lightx2v.io.image import adaptive_size, center_crop_to_aspect
 
         if s.resize_mode == "adaptive":
-            h, w = adaptive_size(images[0], s.height * s.width, multiple=VAE_SPATIAL * 2)
+            h, w = adaptive_size(images[0], s.height * s.width, multiple=self.size_multiple)
             s = replace(s, height=h, width=w)
         elif s.resize_mode == "crop":
             images = [center_crop_to_aspect(img, s.width, s.height) for img in images]
-        with self.image_encoder.use() as image_encoder:
-            clip = image_encoder.encode(images, device=self.device)  # [N, 257, C]
-        clip_tokens = clip.reshape(1, -1, clip.shape[-1])
+        clip_tokens = None
+        if self.image_encoder is not None:
+            with self.image_encoder.use() as image_encoder:
+                clip = image_encoder.encode(images, device=self.device)  # [N, 257, C]
+            clip_tokens = clip.reshape(1, -1, clip.shape[-1])
         sizes = sizes(s) if callable(sizes) else (sizes or [(s.height, s.width)])
         with self.vae.use() as vae:
+            if self.image_mode == "first_frame":
+                return [ImageCond(None, self._first_frame_latents(vae, images[0], h, w), "first_frame")
+                        for h, w in sizes], s
             return [ImageCond(clip_tokens, self._latent_condition(vae, images, h, w, s.num_frames))
                     for h, w in sizes], s
+
+    def _first_frame_latents(self, vae, image, height: int, width: int) -> torch.Tensor:
+        """The conditioning image alone through the VAE -> [1, z, 1, h, w] (Wan2.2 TI2V)."""
+        from lightx2v.io.image import to_model_tensor
+
+        pixels = to_model_tensor(image, height, width)[:, :, None]  # [1, 3, 1, H, W]
+        return vae.encode(pixels.to(self.device, vae.dtype), tiling=self.tiling).float()
 
     def _latent_condition(self, vae, images: list, height: int, width: int, f: int) -> torch.Tensor:
         """Frame mask + VAE latents of the conditioning frame(s) -> [1, 4 + z, T, h, w]."""
@@ -153,24 +173,44 @@ class EncodeStage:
         return torch.cat([mask, z], dim=1)
 
 
-class DenoiseStage:
-    """TextEmbeds (+ ImageCond per resolution stage, seed, sampling settings) -> Latents."""
+@dataclass
+class Expert:
+    """One DiT of the denoising loop (Wan2.2 A14B has two: the high-noise and the low-noise expert) with what
+    belongs to it: its offload handle, its feature-caching hook and its index into ``guidance_scales``."""
 
-    def __init__(self, dit, device: torch.device, cache=None, cfg_batch: bool = False, offload=None):
-        self.dit, self.device = dit, device
-        self.offload = offload  # an offload handle (lightx2v.hooks.offload) or None
-        self.cache = cache  # a feature-caching hook (lightx2v.hooks.caching) or None
-        self.cfg_batch = cfg_batch and cache is None  # caching keeps per-branch state: one branch per forward
+    dit: Any
+    offload: Any = None  # an offload handle (lightx2v.hooks.offload) or None
+    cache: Any = None  # a feature-caching hook (lightx2v.hooks.caching) or None
+    index: int = 0  # 0: high-noise (or the only) expert, 1: low-noise expert
+
+
+class DenoiseStage:
+    """TextEmbeds (+ ImageCond per resolution stage, seed, sampling settings) -> Latents.
+
+    With two experts, the high-noise one runs while the timestep is >= ``boundary`` x 1000 (or, for step-distilled
+    models, for the first ``boundary_step_index`` steps) and the low-noise one after; they are used in one run each,
+    so with offloading only the expert in use is on the GPU.
+    """
+
+    def __init__(self, dit=None, device: torch.device | None = None, cache=None, cfg_batch: bool = False,
+                 offload=None, *, experts: list[Expert] | None = None, vae_spatial: int = VAE_SPATIAL):
+        self.experts = experts if experts is not None else [Expert(dit, offload, cache)]
+        self.dit = self.experts[0].dit
+        self.device, self.vae_spatial = device, vae_spatial
+        self.cache = self.experts[0].cache if len(self.experts) == 1 else None
+        self.offload = self.experts[0].offload if len(self.experts) == 1 else None
+        # caching keeps per-branch state: one branch per forward
+        self.cfg_batch = cfg_batch and all(e.cache is None for e in self.experts)
 
     def stage_shapes(self, s: SamplingConfig) -> list[tuple[int, ...]]:
         """Latent shape per resolution stage: the reduced ones of ``changing_resolution``, then the full one."""
-        full = (1, self.dit.cfg.out_dim, (s.num_frames - 1) // VAE_TEMPORAL + 1, s.height // VAE_SPATIAL,
-                s.width // VAE_SPATIAL)
+        sp = self.vae_spatial
+        full = (1, self.dit.cfg.out_dim, (s.num_frames - 1) // VAE_TEMPORAL + 1, s.height // sp, s.width // sp)
         rates = s.resolution_rate if s.changing_resolution else ()
         return [full[:3] + (int(full[3] * r) // 2 * 2, int(full[4] * r) // 2 * 2) for r in rates] + [full]
 
     def stage_pixel_sizes(self, s: SamplingConfig) -> list[tuple[int, int]]:
-        return [(shape[3] * VAE_SPATIAL, shape[4] * VAE_SPATIAL) for shape in self.stage_shapes(s)]
+        return [(shape[3] * self.vae_spatial, shape[4] * self.vae_spatial) for shape in self.stage_shapes(s)]
 
     def _scheduler(self, s: SamplingConfig, shift: float, generator: torch.Generator):
         if s.denoising_step_list is not None:
@@ -182,37 +222,47 @@ class DenoiseStage:
         sched.set_timesteps(s.infer_steps, device=self.device)
         return sched
 
-    def velocity(self, x, t, text: TextEmbeds, image: ImageCond | None, s: SamplingConfig) -> torch.Tensor:
+    def expert_for(self, i: int, t: torch.Tensor, s: SamplingConfig) -> Expert:
+        """The expert of step ``i`` at timestep ``t`` (diffusers' rule: high while t >= boundary * 1000)."""
+        if len(self.experts) == 1:
+            return self.experts[0]
+        if s.boundary_step_index is not None:
+            high = i < s.boundary_step_index
+        else:
+            high = t.item() >= s.boundary * 1000
+        return self.experts[0 if high else 1]
+
+    def velocity(self, x, t, text: TextEmbeds, image: ImageCond | None, s: SamplingConfig,
+                 expert: Expert | None = None) -> torch.Tensor:
         """The guided velocity at latents ``x`` and timestep ``t`` (one forward, or two with CFG)."""
+        expert = expert or self.experts[0]
+        dit, cache, scale = expert.dit, expert.cache, s.guidance_scales[expert.index]
         clip = image.clip_tokens if image is not None else None
-        if image is not None:
+        if image is not None and image.mode == "first_frame":
+            # Wan2.2 TI2V: the image's latents are the first latent frame, at timestep 0 (one timestep per frame)
+            x = torch.cat([image.latent_cond.to(x.dtype), x[:, :, 1:]], dim=2)
+            t = torch.cat([torch.zeros_like(t), t.expand(x.shape[2] - 1)])[None]  # [1, F]
+        elif image is not None:
             x = torch.cat([x, image.latent_cond], dim=1)
         if self.cfg_batch and text.context_null is not None:
             # cond and uncond as one batch of 2 (one pass over the weights instead of two)
-            both = self.dit(torch.cat([x, x]), t.expand(2), torch.cat([text.context, text.context_null]),
-                            None if clip is None else torch.cat([clip, clip]))
+            both = dit(torch.cat([x, x]), t.expand(2, *t.shape[1:]), torch.cat([text.context, text.context_null]),
+                       None if clip is None else torch.cat([clip, clip]))
             v, v_null = both[:1], both[1:]
-            return v_null + s.guidance_scale * (v - v_null)
-        if self.cache is not None:
-            self.cache.set_branch("cond")
-        v = self.dit(x, t, text.context, clip)
+            return v_null + scale * (v - v_null)
+        if cache is not None:
+            cache.set_branch("cond")
+        v = dit(x, t, text.context, clip)
         if text.context_null is not None:
-            if self.cache is not None:
-                self.cache.set_branch("uncond")
-            v_null = self.dit(x, t, text.context_null, clip)
-            v = v_null + s.guidance_scale * (v - v_null)
+            if cache is not None:
+                cache.set_branch("uncond")
+            v_null = dit(x, t, text.context_null, clip)
+            v = v_null + scale * (v - v_null)
         return v
 
+    @torch.inference_mode()
     def __call__(self, text: TextEmbeds, images: list[ImageCond] | None, seed: int, s: SamplingConfig,
                  progress: bool = True) -> Latents:
-        if self.offload is None:
-            return self._denoise(text, images, seed, s, progress)
-        with self.offload.resident():  # weights (or their slots) on the GPU only for the loop
-            return self._denoise(text, images, seed, s, progress)
-
-    @torch.inference_mode()
-    def _denoise(self, text: TextEmbeds, images: list[ImageCond] | None, seed: int, s: SamplingConfig,
-                 progress: bool) -> Latents:
         # The initial noise is drawn exactly as diffusers' Wan pipelines draw it: float32, on a CPU generator.
         # With changing_resolution, one noise per stage is drawn in stage order (the full-size one last); the
         # step-distill sampler draws its re-noising noise from the same generator, so a seed fixes everything.
@@ -220,23 +270,35 @@ class DenoiseStage:
         noises = [torch.randn(shape, generator=g, dtype=torch.float32) for shape in self.stage_shapes(s)]
         stage, latents = 0, noises[0].to(self.device)
         scheduler = self._scheduler(s, s.sample_shift, g)
-        if self.cache is not None:
-            self.cache.begin_generation(s.infer_steps)
+        for e in self.experts:
+            if e.cache is not None:
+                e.cache.begin_generation(s.infer_steps)
         switch_after = set(s.changing_resolution_steps or ()) if s.changing_resolution else set()
-        for i in tqdm(range(s.infer_steps), desc="denoise", disable=not progress, leave=False):
-            t = scheduler.timesteps[i].reshape(1)
-            v = self.velocity(latents, t, text, images[stage] if images else None, s)
-            if i + 1 not in switch_after:
-                latents = scheduler.step(v, latents)
-                continue
-            # Change resolution: predict the clean latents, resize them to the next stage and re-noise them to
-            # the current noise level with that stage's noise; continue on a schedule with a larger shift.
-            sigma = scheduler.sigmas[i].item()
-            stage += 1
-            x0 = F.interpolate(latents - sigma * v, size=noises[stage].shape[2:], mode="trilinear")
-            latents = (1 - sigma) * x0 + sigma * noises[stage].to(self.device)
-            scheduler = self._scheduler(s, s.sample_shift + stage, g)
-            scheduler.restart_at(i + 1)
+        with contextlib.ExitStack() as resident:
+            active = None
+            for i in tqdm(range(s.infer_steps), desc="denoise", disable=not progress, leave=False):
+                t = scheduler.timesteps[i].reshape(1)
+                expert = self.expert_for(i, t, s)
+                if expert is not active:  # weights (or their slots) on the GPU only while the expert is in use
+                    resident.close()
+                    if expert.offload is not None:
+                        resident.enter_context(expert.offload.resident())
+                    active = expert
+                image = images[stage] if images else None
+                v = self.velocity(latents, t, text, image, s, expert)
+                if i + 1 not in switch_after:
+                    latents = scheduler.step(v, latents)
+                    continue
+                # Change resolution: predict the clean latents, resize them to the next stage and re-noise them
+                # to the current noise level with that stage's noise; continue on a schedule with a larger shift.
+                sigma = scheduler.sigmas[i].item()
+                stage += 1
+                x0 = F.interpolate(latents - sigma * v, size=noises[stage].shape[2:], mode="trilinear")
+                latents = (1 - sigma) * x0 + sigma * noises[stage].to(self.device)
+                scheduler = self._scheduler(s, s.sample_shift + stage, g)
+                scheduler.restart_at(i + 1)
+        if images and images[-1].mode == "first_frame":  # the conditioning frame is the image's latents
+            latents = torch.cat([images[-1].latent_cond.to(latents.dtype), latents[:, :, 1:]], dim=2)
         return Latents(latents=latents)
 
 
@@ -255,27 +317,51 @@ class DecodeStage:
 
 
 class WanRunner:
-    def __init__(self, model_path: Path, task: str, cfg: GeneratorConfig):
+    def __init__(self, model_path: Path, task: str, cfg: GeneratorConfig, model_cls: str = "wan2.1"):
         from lightx2v.models.wan.encoders import load_text_encoder
         from lightx2v.models.wan.vae import load_wan_vae
 
-        self.root, self.task, self.cfg = Path(model_path), task, cfg
+        self.root, self.task, self.cfg, self.model_cls = Path(model_path), task, cfg, model_cls
         self.layout = detect_layout(self.root)
-        dit_cfg = read_dit_config(self.root, self.layout)
-        _check_task(task, dit_cfg.model_type, self.root)
+        experts = _experts_for(self.root, self.layout, model_cls)
+        dit_cfgs = [read_dit_config(self.root, self.layout, e) for e in experts]
+        dit_cfg = dit_cfgs[0]
+        if len({(c.in_dim, c.out_dim, c.has_image_input, c.text_dim) for c in dit_cfgs}) > 1:
+            raise CheckpointError(f"the two experts of {self.root} differ in their inputs: {dit_cfgs}")
+        image_mode = _check_task(task, dit_cfg, model_cls, self.root)
         image_input = task in ("i2v", "flf2v")
-        check_model_files(self.root, self.layout, image_input)
+        clip_input = image_input and dit_cfg.has_image_input
+        check_model_files(self.root, self.layout, clip_input, experts, self.vae_path(model_cls))
         self.device, self.dtype = resolve_device_dtype(cfg.runtime.device, cfg.runtime.dtype)
         dev, dt = self.device, self.dtype
+        ck = cfg.checkpoint
+        if ck.use_image_encoder is not None and ck.use_image_encoder != dit_cfg.has_image_input:
+            raise UserError(f"use_image_encoder={str(ck.use_image_encoder).lower()} does not fit this DiT, which "
+                            f"{'takes' if dit_cfg.has_image_input else 'takes no'} CLIP image tokens")
+
+        # The VAE fixes the latent size: 16 (Wan2.1) or 48 channels (Wan2.2), 8x or 16x smaller than the pixels.
+        vae_path = self.vae_path(model_cls)
+        vae_cfg = _vae_config(vae_path)
+        if vae_cfg.z_dim != dit_cfg.out_dim:
+            raise CheckpointError(f"the VAE's {vae_cfg.z_dim} latent channels ({vae_path.name}) do not fit the DiT's "
+                                  f"{dit_cfg.out_dim} output channels")
+        stride = (VAE_TEMPORAL, vae_cfg.spatial_factor, vae_cfg.spatial_factor)
+        if ck.vae_stride is not None and ck.vae_stride != stride:
+            raise UserError(f"vae_stride={list(ck.vae_stride)} does not fit this checkpoint's VAE ({list(stride)})")
+        multiple = vae_cfg.spatial_factor * dit_cfg.patch_size[1]
+        for name in ("height", "width"):
+            value = getattr(cfg.sampling, name)
+            if value % multiple:
+                raise UserError(f"{name}={value} is not divisible by {multiple} (this model's VAE and patch size); "
+                                f"use e.g. {max(multiple, value // multiple * multiple)}")
 
         rt = cfg.runtime
         policy = lambda offload: "unload" if rt.unload_modules else ("cpu" if offload else "resident")  # noqa: E731
         text_slot = ComponentSlot(lambda d: load_text_encoder(self.root, self.layout, device=d, dtype=dt), dev,
                                   policy(rt.t5_cpu_offload))
-        vae_path = self.root / WAN_VAE_FILE if self.layout == "wan" else self.root / "vae"
         vae_slot = ComponentSlot(lambda d: load_wan_vae(vae_path, device=d, dtype=dt), dev, policy(rt.vae_cpu_offload))
         image_slot = None
-        if image_input:
+        if clip_input:
             from lightx2v.models.wan.clip import load_image_encoder
 
             image_slot = ComponentSlot(lambda d: load_image_encoder(self.root, self.layout, device=d, dtype=dt), dev,
@@ -284,53 +370,73 @@ class WanRunner:
         if text_dim != dit_cfg.text_dim:
             raise CheckpointError(f"text encoder width {text_dim} does not match the DiT's text_dim {dit_cfg.text_dim}")
         attn = get_attention_backend(cfg.attention.self_attn_1_type, dtype=dt, head_dim=dit_cfg.head_dim, device=dev)
-        from lightx2v.ops.quant import resolve_scheme
 
-        weights = cfg.checkpoint.dit_original_ckpt
         off = cfg.offload
-        if off.lazy_load:  # block weights stay on disk; only the rest is loaded
-            from lightx2v.hooks.offload import load_dit_without_blocks
-
-            if weights:
-                raise UserError("lazy_load with dit_original_ckpt is not supported; convert the file into a "
-                                "checkpoint folder with `lightx2v convert` first")
-            dit = load_dit_without_blocks(self.root, self.layout, attn=attn, device=dev, dtype=dt)
-        else:
-            dit = load_dit(self.root, self.layout, attn=attn, device="cpu" if off.cpu_offload else dev, dtype=dt,
-                           weights_file=Path(weights) if weights else None,
-                           quant_scheme=resolve_scheme(cfg.checkpoint.dit_quant_scheme))
-
-        # Runtime features, attached from outside the model.
+        weights = _weights_files(ck, experts)
+        if len(experts) > 1 and cfg.cache.method != "NoCaching":
+            raise UserError("feature_caching is not supported yet for two-expert (Wan2.2 A14B) models")
         self.lora = None
-        if cfg.lora.loras:
-            from lightx2v.hooks.lora import apply_lora
+        loras = _loras_per_expert(cfg.lora, experts)
+        stage_experts = []
+        for index, (expert, weights_file) in enumerate(zip(experts, weights)):
+            dit = self._load_dit(expert, weights_file, attn)
+            # Runtime features, attached from outside the model.
+            if loras[index] is not None:
+                from lightx2v.hooks.lora import apply_lora
 
-            self.lora = apply_lora(dit, cfg.lora)
-        cache = None
-        if cfg.cache.method != "NoCaching":
-            from lightx2v.hooks.caching import apply_feature_caching
+                handle = apply_lora(dit, loras[index])
+                self.lora = self.lora or handle
+            cache = None
+            if cfg.cache.method != "NoCaching":
+                from lightx2v.hooks.caching import apply_feature_caching
 
-            cache = apply_feature_caching(dit, cfg.cache)
+                cache = apply_feature_caching(dit, cfg.cache)
+            offload = None
+            if off.cpu_offload:  # after LoRA merging (offloaded weights are read-only)
+                from lightx2v.hooks.offload import CheckpointBlocks, apply_offload
 
-        self.offload = None
-        if off.cpu_offload:  # after LoRA merging (offloaded weights are read-only)
-            from lightx2v.hooks.offload import apply_offload
+                source = CheckpointBlocks(self.root, self.layout, expert=expert) if off.lazy_load else None
+                offload = apply_offload(dit, off, dev, weights_source=source)
+                offload.offload()  # nothing on the GPU until the denoising loop
+            if rt.use_compile:
+                from lightx2v.hooks.compile import apply_compile
 
-            self.offload = apply_offload(dit, off, dev, weights_source=(self.root, self.layout))
-            self.offload.offload()  # nothing on the GPU until the denoising loop
-        if rt.use_compile:
-            from lightx2v.hooks.compile import apply_compile
-
-            apply_compile(dit, mode=rt.compile_mode)
+                apply_compile(dit, mode=rt.compile_mode)
+            stage_experts.append(Expert(dit, offload, cache, index))
+        self.offload = stage_experts[0].offload
         cfg_batch = rt.cfg_batch if isinstance(rt.cfg_batch, bool) else dev.type == "cuda"
+        if len(experts) > 1 and cfg.sampling.boundary is None and cfg.sampling.boundary_step_index is None:
+            raise UserError("a two-expert model needs boundary (or boundary_step_index for step-distilled models)")
 
         from lightx2v.models.wan.vae import TilingConfig
 
         tiling = TilingConfig() if rt.use_tiling_vae else None
-        self.encode = EncodeStage(text_slot, dev, image_slot, vae_slot if image_input else None, tiling)
-        self.denoise = DenoiseStage(dit, dev, cache, cfg_batch=cfg_batch and not off.cpu_offload,
-                                    offload=self.offload)
+        self.encode = EncodeStage(text_slot, dev, image_slot, vae_slot if image_input else None, tiling,
+                                  image_mode=image_mode, vae_spatial=vae_cfg.spatial_factor, size_multiple=multiple)
+        self.denoise = DenoiseStage(device=dev, cfg_batch=cfg_batch and not off.cpu_offload, experts=stage_experts,
+                                    vae_spatial=vae_cfg.spatial_factor)
         self.decode = DecodeStage(vae_slot, dev, tiling)
+
+    def vae_path(self, model_cls: str) -> Path:
+        if self.layout == "diffusers":
+            return self.root / "vae"
+        return self.root / (WAN22_VAE_FILE if model_cls == "wan2.2" else WAN_VAE_FILE)
+
+    def _load_dit(self, expert: str | None, weights_file: str | None, attn):
+        from lightx2v.ops.quant import resolve_scheme
+
+        off, ck = self.cfg.offload, self.cfg.checkpoint
+        if off.lazy_load:  # block weights stay on disk; only the rest is loaded
+            from lightx2v.hooks.offload import load_dit_without_blocks
+
+            if weights_file:
+                raise UserError("lazy_load with dit_original_ckpt is not supported; convert the file into a "
+                                "checkpoint folder with `lightx2v convert` first")
+            return load_dit_without_blocks(self.root, self.layout, attn=attn, device=self.device, dtype=self.dtype,
+                                           expert=expert)
+        return load_dit(self.root, self.layout, attn=attn, device="cpu" if off.cpu_offload else self.device,
+                        dtype=self.dtype, weights_file=Path(weights_file) if weights_file else None,
+                        quant_scheme=resolve_scheme(ck.dit_quant_scheme), expert=expert)
 
     def run(self, prompt: str, negative_prompt: str, seed: int, images: list | None = None,
             progress: bool = True) -> tuple[Frames, dict]:
@@ -382,11 +488,81 @@ def _text_width(root: Path, layout: str) -> int:
     return sd["token_embedding.weight"].shape[1]
 
 
-def _check_task(task: str, model_type: str, root: Path) -> None:
-    if task != model_type:
-        hint = {"t2v": "a text-to-video", "i2v": "an image-to-video", "flf2v": "a first-last-frame"}[model_type]
-        raise UserError(f"task {task!r} does not fit the checkpoint {str(root)!r}, which is {hint} model "
-                        f"(model_type {model_type!r}); use task {model_type!r} or another checkpoint")
+def _experts_for(root: Path, layout: str, model_cls: str) -> tuple[str | None, ...]:
+    experts = dit_experts(root, layout)
+    moe = model_cls.startswith("wan2.2_moe")
+    if moe and len(experts) == 1:
+        folders = " and ".join(f"{f}/" for f in EXPERT_FOLDERS[layout].values())
+        raise UserError(f"model_cls {model_cls!r} needs a two-expert checkpoint ({folders}); {str(root)!r} has one "
+                        "DiT")
+    if not moe and len(experts) > 1:
+        raise UserError(f"{str(root)!r} is a two-expert (Wan2.2 A14B) checkpoint: use model_cls 'wan2.2_moe' (or "
+                        "'wan2.2_moe_distill')")
+    return experts
+
+
+def _check_task(task: str, dit_cfg, model_cls: str, root: Path) -> str:
+    """Check that the DiT can do ``task``; return how an image conditions it ("concat" or "first_frame")."""
+    model_type = dit_cfg.model_type
+    if dit_cfg.has_image_input:  # Wan2.1 I2V / FLF2V: CLIP tokens, and for FLF2V two images
+        ok = task == model_type
+    elif dit_cfg.concat_condition:  # Wan2.2 A14B I2V: conditioning latents on channels, no CLIP
+        ok = task in ("i2v", "flf2v")
+    elif model_type == "ti2v" or model_cls == "wan2.2":  # TI2V-5B: text or first image
+        ok = task in ("t2v", "i2v")
+        if ok and task == "i2v":
+            return "first_frame"
+    else:
+        ok = task == "t2v"
+    if not ok:
+        kind = {"t2v": "a text-to-video", "i2v": "an image-to-video", "flf2v": "a first-last-frame",
+                "ti2v": "a text/image-to-video"}[model_type]
+        raise UserError(f"task {task!r} does not fit the checkpoint {str(root)!r}, which is {kind} model "
+                        f"(model_type {model_type!r}, {dit_cfg.in_dim} input channels); use another task or "
+                        "checkpoint")
+    return "concat"
+
+
+def _vae_config(path: Path):
+    """The VAE's sizes, read without building it (diffusers config.json, or the tensor shapes of the .pth)."""
+    from lightx2v.models.wan.checkpoint import read_json, torch_load_state_dict
+    from lightx2v.models.wan.vae import WanVAEConfig
+
+    if path.is_dir():
+        return WanVAEConfig.from_diffusers_config(read_json(path / "config.json", "VAE config"))
+    return WanVAEConfig.from_state_dict(torch_load_state_dict(path))
+
+
+def _weights_files(ck, experts) -> list[str | None]:
+    """One weights file per expert: dit_original_ckpt for one DiT, high/low_noise_original_ckpt for two."""
+    if len(experts) == 1:
+        if ck.high_noise_original_ckpt or ck.low_noise_original_ckpt:
+            raise UserError("high_noise_original_ckpt / low_noise_original_ckpt are for two-expert models; use "
+                            "dit_original_ckpt")
+        return [ck.dit_original_ckpt]
+    if ck.dit_original_ckpt:
+        raise UserError("a two-expert model takes high_noise_original_ckpt and low_noise_original_ckpt, not "
+                        "dit_original_ckpt")
+    return [ck.high_noise_original_ckpt, ck.low_noise_original_ckpt]
+
+
+def _loras_per_expert(lora_cfg, experts) -> list:
+    """The LoRA config of each expert: entries named "high_noise_model" / "low_noise_model" go to that expert
+    only, unnamed ones to every expert."""
+    if not lora_cfg.loras:
+        return [None] * len(experts)
+    if len(experts) == 1:
+        named = [e.name for e in lora_cfg.loras if e.name]
+        if named:
+            raise UserError(f"LoRA entries named {named} are for two-expert models (high_noise_model / "
+                            "low_noise_model); this model has one DiT")
+        return [lora_cfg]
+    out = []
+    for expert in experts:
+        folder = EXPERT_FOLDERS["wan"][expert]
+        mine = tuple(e for e in lora_cfg.loras if not e.name or e.name == folder)
+        out.append(replace(lora_cfg, loras=mine) if mine else None)
+    return out
 
 
 def _sync_time(device: torch.device, t0: float) -> float:

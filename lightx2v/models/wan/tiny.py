@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 
 from lightx2v.models.wan.arch import PRESETS
-from lightx2v.models.wan.checkpoint import WAN_T5_FILE, WAN_VAE_FILE, save_dit
+from lightx2v.models.wan.checkpoint import WAN22_VAE_FILE, WAN_T5_FILE, WAN_VAE_FILE, save_dit
 
 TINY_VERSION = 1
 # Sizes a 2-core CPU runs in seconds (keyword overrides and config_json still win).
@@ -25,19 +25,43 @@ TINY_DEFAULTS = {"t2v": _TINY, "i2v": {**_TINY, "sample_shift": 3.0}, "flf2v": {
 TINY_CLIP_DIM = 160
 
 
+def tiny_defaults(task: str, model_cls: str = "wan2.1") -> dict:
+    """Sampling defaults for the tiny model (two-expert classes keep their per-expert guidance and boundary)."""
+    d = dict(TINY_DEFAULTS[task])
+    if model_cls.startswith("wan2.2_moe"):
+        d.pop("guidance_scale")
+    return d
+
+
+def _family(model_cls: str) -> str:
+    return "wan2.2_moe" if model_cls.startswith("wan2.2_moe") else ("wan2.2" if model_cls == "wan2.2" else "wan2.1")
+
+
+TINY_VAE22_Z = 48  # the Wan2.2 VAE's latent width (kept real: the latent statistics are 48 values)
+
+
+def tiny_vae22_config():
+    """A toy-width Wan2.2 VAE (48 latent channels, 16x spatial)."""
+    from lightx2v.errors import UserError
+
+    raise UserError("there is no built-in tiny model for model_cls 'wan2.2' yet; pass model_path")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("LIGHTX2V_CACHE_DIR") or Path.home() / ".cache" / "lightx2v")
 
 
-def ensure_tiny_model(task: str = "t2v", root: Path | None = None) -> Path:
-    """Return the folder of the tiny model for ``task`` (t2v, i2v, flf2v), writing it first if needed."""
-    folder = (root or cache_root()) / f"tiny-wan2.1-{task}-v{TINY_VERSION}"
+def ensure_tiny_model(task: str = "t2v", model_cls: str = "wan2.1", root: Path | None = None) -> Path:
+    """Return the folder of the tiny model for ``task`` (t2v, i2v, flf2v) and ``model_cls``, writing it first if
+    needed (Wan2.1; Wan2.2 A14B: two experts, Wan2.2 I2V without CLIP; Wan2.2 TI2V-5B: the 48-channel VAE)."""
+    family = _family(model_cls)
+    folder = (root or cache_root()) / f"tiny-{family}-{task}-v{TINY_VERSION}"
     if (folder / "COMPLETE").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
     try:
-        write_tiny_model(tmp, task)
+        write_tiny_model(tmp, task, family)
         (tmp / "COMPLETE").write_text("ok\n")
         try:
             tmp.rename(folder)
@@ -61,7 +85,7 @@ def _randomise(module: torch.nn.Module, g: torch.Generator) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def write_tiny_model(folder: Path, task: str = "t2v") -> None:
+def write_tiny_model(folder: Path, task: str = "t2v", family: str = "wan2.1") -> None:
     from transformers import UMT5Config, UMT5EncoderModel
 
     from lightx2v.models.wan.dit import WanDiT
@@ -72,23 +96,32 @@ def write_tiny_model(folder: Path, task: str = "t2v") -> None:
     g = torch.Generator().manual_seed(20260101)
     folder = Path(folder)
 
-    # DiT, with the cross-attention made loud enough that the prompt visibly changes the output.
+    # DiT(s), with the cross-attention made loud enough that the prompt visibly changes the output.
     cfg = PRESETS["tiny"]
-    if task != "t2v":
-        cfg = replace(cfg, in_dim=36, model_type=task, image_dim=TINY_CLIP_DIM)
+    clip = task != "t2v" and family == "wan2.1"
+    if task != "t2v" and family != "wan2.2":
+        cfg = replace(cfg, in_dim=36, model_type=task, image_dim=TINY_CLIP_DIM, clip_input=clip)
+    if family == "wan2.2":
+        cfg = replace(cfg, in_dim=TINY_VAE22_Z, out_dim=TINY_VAE22_Z, model_type="ti2v")
     attn = get_attention_backend("torch_sdpa", dtype=torch.float32, head_dim=cfg.head_dim, device=torch.device("cpu"))
-    dit = WanDiT(cfg, attn)
-    _randomise(dit, g)
-    with torch.no_grad():
-        for block in dit.blocks:
-            block.cross_attn.norm_k.weight.mul_(4.0)
-            block.cross_attn.o.weight.mul_(4.0)
-    save_dit(dit.state_dict(), cfg, folder, "wan")
+    for expert in (("high", "low") if family == "wan2.2_moe" else (None,)):
+        dit = WanDiT(cfg, attn)
+        _randomise(dit, g)
+        with torch.no_grad():
+            for block in dit.blocks:
+                block.cross_attn.norm_k.weight.mul_(4.0)
+                block.cross_attn.o.weight.mul_(4.0)
+        save_dit(dit.state_dict(), cfg, folder, "wan", expert=expert)
 
     # VAE
-    vae = WanVAE(WanVAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1))
-    _randomise(vae, g)
-    save_wan_vae(vae, folder / WAN_VAE_FILE, layout="wan")
+    if family == "wan2.2":
+        vae = WanVAE(tiny_vae22_config())
+        _randomise(vae, g)
+        save_wan_vae(vae, folder / WAN22_VAE_FILE, layout="wan")
+    else:
+        vae = WanVAE(WanVAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1))
+        _randomise(vae, g)
+        save_wan_vae(vae, folder / WAN_VAE_FILE, layout="wan")
 
     # UMT5 text encoder + a small self-made tokenizer
     tok_dir = folder / "tokenizer-tmp"
@@ -102,7 +135,7 @@ def write_tiny_model(folder: Path, task: str = "t2v") -> None:
     shutil.rmtree(tok_dir)
     assert (folder / WAN_T5_FILE).is_file()
 
-    if task != "t2v":  # CLIP image encoder (ViT layout at toy width; 257 tokens like the real one)
+    if clip:  # CLIP image encoder (ViT layout at toy width; 257 tokens like the real one)
         from lightx2v.models.wan.clip import build_tiny_clip, save_image_encoder
 
         clip = build_tiny_clip(seed=7)

@@ -1,0 +1,146 @@
+"""Wan2.2: the A14B two-expert models (T2V, I2V without CLIP) and the TI2V-5B DiT's per-frame timesteps,
+against diffusers (tiny random-weight models, CPU, float32)."""
+
+import numpy as np
+import pytest
+import torch
+
+from lightx2v import LightX2VPipeline
+from lightx2v.convert import convert_checkpoint
+from lightx2v.errors import UserError
+from tiny_reference import FLOW_SHIFT, build_diffusers_wan22_moe_pipeline, tiny_diffusers_dit
+
+pytest.importorskip("diffusers")
+
+H, W, F, STEPS = 32, 48, 9, 6
+PROMPT, NEG = "a red cat jumps over the fence", "blurry"
+TOL = 5e-3
+
+
+def picture(w, h, seed):
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx / w, yy / h, 0.5 + 0.5 * np.sin(xx / 7.0 + seed)], -1) * 200
+    return Image.fromarray((base + g.integers(0, 55, (h, w, 3))).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def moe_t2v(tmp_path_factory):
+    d = tmp_path_factory.mktemp("moe_t2v")
+    pipe = build_diffusers_wan22_moe_pipeline(d / "tok", "t2v")
+    pipe.save_pretrained(d / "model")
+    return d / "model", pipe
+
+
+@pytest.fixture(scope="module")
+def moe_i2v(tmp_path_factory):
+    d = tmp_path_factory.mktemp("moe_i2v")
+    pipe = build_diffusers_wan22_moe_pipeline(d / "tok", "i2v")
+    pipe.save_pretrained(d / "model")
+    return d / "model", pipe
+
+
+def reference(pipe, guidance=(4.0, 3.0), seed=7, **kw):
+    out = pipe(prompt=PROMPT, negative_prompt=NEG, height=H, width=W, num_frames=F, num_inference_steps=STEPS,
+               guidance_scale=guidance[0], guidance_scale_2=guidance[1], generator=torch.Generator().manual_seed(seed),
+               output_type="np", **kw)
+    return torch.from_numpy(np.asarray(out.frames[0]))
+
+
+def ours(model_dir, task="t2v", guidance=(4.0, 3.0), seed=7, image=None, model_cls="wan2.2_moe", **kw):
+    pipe = LightX2VPipeline(model_path=model_dir, model_cls=model_cls, task=task)
+    kw = {"sample_shift": FLOW_SHIFT, "height": H, "width": W, "num_frames": F, "infer_steps": STEPS,
+          "guidance_scale": list(guidance), **kw}
+    pipe.create_generator(device="cpu", **kw)
+    _, frames = pipe.generate(seed=seed, prompt=PROMPT, negative_prompt=NEG, image_path=image,
+                              return_result_tensor=True, progress=False)
+    return frames, pipe
+
+
+def timesteps_of(pipe_ours):
+    sched = pipe_ours.runner.denoise._scheduler(pipe_ours.config.sampling, FLOW_SHIFT, torch.Generator())
+    return [int(t) for t in sched.timesteps]
+
+
+def test_a14b_t2v_matches_diffusers(moe_t2v, tmp_path):
+    model_dir, pipe = moe_t2v
+    want = reference(pipe)
+    got, mine = ours(model_dir)
+    assert got.shape == want.shape == (F, H, W, 3)
+    assert (got - want).abs().max().item() <= TOL
+    ts = timesteps_of(mine)
+    assert any(t >= 875 for t in ts) and any(t < 875 for t in ts)  # both experts run in this schedule
+    # the low-noise expert and its guidance matter: another guidance, or the high expert all along, moves it
+    assert (ours(model_dir, guidance=(4.0, 1.5))[0] - want).abs().max().item() > 10 * TOL
+    assert (ours(model_dir, boundary=0.01)[0] - want).abs().max().item() > 10 * TOL
+    # the original Wan2.2 layout (high_noise_model/, low_noise_model/) gives the same video
+    wan = convert_checkpoint(model_dir, tmp_path / "wan", layout="wan")
+    assert (wan / "high_noise_model" / "config.json").is_file() and (wan / "low_noise_model").is_dir()
+    assert (ours(wan)[0] - want).abs().max().item() <= TOL
+
+
+def test_a14b_i2v_matches_diffusers(moe_i2v, tmp_path):
+    model_dir, pipe = moe_i2v
+    img = picture(W, H, 0)
+    want = reference(pipe, guidance=(3.5, 2.0), image=img)
+    got, _ = ours(model_dir, "i2v", guidance=(3.5, 2.0), image=img)
+    assert (got - want).abs().max().item() <= TOL
+    assert (ours(model_dir, "i2v", guidance=(3.5, 2.0), image=picture(W, H, 1))[0] - want).abs().max() > 10 * TOL
+    wan = convert_checkpoint(model_dir, tmp_path / "wan", layout="wan")
+    assert not (wan / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth").exists()  # Wan2.2: no CLIP
+    assert (ours(wan, "i2v", guidance=(3.5, 2.0), image=img)[0] - want).abs().max().item() <= TOL
+
+
+def test_a14b_offload_and_default_boundary(moe_t2v):
+    """Offloaded experts give the same video; the boundary defaults to 0.875 for T2V (0.9 for I2V)."""
+    model_dir, _ = moe_t2v
+    plain, pipe = ours(model_dir)
+    assert pipe.config.sampling.boundary == 0.875
+    off, _ = ours(model_dir, cpu_offload=True, offload_granularity="block")
+    assert torch.equal(plain, off)
+
+
+def test_model_class_must_fit(moe_t2v, tiny_diffusers_t2v):
+    with pytest.raises(UserError, match="two-expert"):
+        LightX2VPipeline(model_path=moe_t2v[0], model_cls="wan2.1", task="t2v").create_generator(device="cpu")
+    with pytest.raises(UserError, match="needs a two-expert checkpoint"):
+        LightX2VPipeline(model_path=tiny_diffusers_t2v[0], model_cls="wan2.2_moe",
+                         task="t2v").create_generator(device="cpu")
+    with pytest.raises(UserError, match="does not do task"):
+        LightX2VPipeline(model_path=moe_t2v[0], model_cls="wan2.2_moe", task="flf2v")
+    with pytest.raises(UserError, match="guidance_scale"):
+        ours(moe_t2v[0], guidance=(1.0, 2.0, 3.0))
+
+
+def test_per_frame_timesteps_match_diffusers():
+    """The TI2V-5B DiT input: a timestep per token (0 on the conditioning frame), as diffusers takes it."""
+    from lightx2v.models.wan.checkpoint import dit_key_from_diffusers
+    from lightx2v.models.wan.dit import WanDiT
+    from lightx2v.models.wan.arch import WanDiTConfig
+    from lightx2v.ops.attention import get_attention_backend
+
+    ref = tiny_diffusers_dit(in_channels=16, out_channels=16)
+    cfg = WanDiTConfig.from_diffusers_config({k: v for k, v in ref.config.items() if not k.startswith("_")})
+    ours_dit = WanDiT(cfg, get_attention_backend("torch_sdpa", dtype=torch.float32, head_dim=cfg.head_dim,
+                                                 device=torch.device("cpu")))
+    ours_dit.load_state_dict({dit_key_from_diffusers(k): v for k, v in ref.state_dict().items()})
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 3, 8, 12, generator=g)
+    ctx = torch.randn(1, 512, 32, generator=g)
+    per_frame = torch.tensor([[0.0, 700.0, 700.0]])
+    per_token = per_frame.repeat_interleave(4 * 6, dim=1)  # [1, L]: 4 x 6 tokens per latent frame
+    with torch.no_grad():
+        want = ref(hidden_states=x, timestep=per_token, encoder_hidden_states=ctx, return_dict=False)[0]
+        got_tokens = ours_dit(x, per_token, ctx)
+        got_frames = ours_dit(x, per_frame, ctx)
+        uniform = ours_dit(x, torch.tensor([700.0]), ctx)
+    scale = want.abs().max().item()
+    assert (got_tokens - want).abs().max().item() <= 1e-5 * scale
+    assert torch.equal(got_tokens, got_frames)
+    assert (uniform - want).abs().max().item() > 100 * 1e-5 * scale  # the zero timestep of frame 0 matters
+    with torch.no_grad():  # all frames at one timestep: exactly the one-timestep path
+        assert torch.equal(ours_dit(x, torch.full((1, 3), 700.0), ctx), uniform)
+    with pytest.raises(ValueError, match="constant within each latent frame"):
+        ours_dit(x, torch.arange(72.0)[None], ctx)

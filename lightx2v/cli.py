@@ -12,10 +12,19 @@ import sys
 
 from lightx2v.errors import UserError
 
+def _guidance(text: str):
+    """``5.0`` or, for two-expert models, ``4.0,3.0`` (high-noise expert, low-noise expert)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or two numbers separated by a comma") from None
+    return values[0] if len(values) == 1 else values
+
+
 OVERRIDES = {  # flag -> type; given flags override the config JSON
-    "infer_steps": int, "height": int, "width": int, "num_frames": int, "guidance_scale": float,
+    "infer_steps": int, "height": int, "width": int, "num_frames": int, "guidance_scale": _guidance,
     "sample_shift": float, "attn_mode": str, "sample_solver": str, "device": str, "dtype": str, "fps": int,
-    "resize_mode": str,
+    "resize_mode": str, "boundary": float,
 }
 
 
@@ -25,7 +34,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model_cls", default="wan2.1", help="model class (wan2.1)")
+    p.add_argument("--model_cls", default="wan2.1",
+                   help="model class: wan2.1, wan2.1_distill, wan2.2_moe (A14B), wan2.2_moe_distill, wan2.2 (TI2V-5B)")
     p.add_argument("--task", default="t2v", help="t2v | i2v | flf2v")
     p.add_argument("--model_path", default=None, help="checkpoint folder (either layout); omit for the tiny model")
     p.add_argument("--config_json", default=None, help="LightX2V-style JSON config")
@@ -63,7 +73,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lightx2v", description="Fast video diffusion inference (Wan2.1).")
+    parser = _Parser(prog="lightx2v", description="Fast video diffusion inference (Wan2.1 / Wan2.2).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     gen = sub.add_parser("generate", help="generate a video")
     _add_generate_args(gen)

@@ -60,7 +60,8 @@ def ours(model_dir, task="t2v", guidance=(4.0, 3.0), seed=7, image=None, model_c
 
 
 def timesteps_of(pipe_ours):
-    sched = pipe_ours.runner.denoise._scheduler(pipe_ours.config.sampling, FLOW_SHIFT, torch.Generator())
+    s = pipe_ours.config.sampling
+    sched = pipe_ours.runner.denoise._scheduler(s, s.sample_shift, torch.Generator())
     return [int(t) for t in sched.timesteps]
 
 
@@ -144,3 +145,47 @@ def test_per_frame_timesteps_match_diffusers():
         assert torch.equal(ours_dit(x, torch.full((1, 3), 700.0), ctx), uniform)
     with pytest.raises(ValueError, match="constant within each latent frame"):
         ours_dit(x, torch.arange(72.0)[None], ctx)
+
+
+def _count_calls(pipe_ours) -> list[int]:
+    counts = [0] * len(pipe_ours.runner.denoise.experts)
+    for i, e in enumerate(pipe_ours.runner.denoise.experts):
+        e.dit.register_forward_hook(lambda m, a, o, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+def test_tiny_moe_distill_routes_steps_by_boundary_step_index():
+    """wan2.2_moe_distill on the built-in tiny two-expert model: 4 steps without CFG, the first
+    boundary_step_index of them on the high-noise expert."""
+    for index, want in ((2, [2, 2]), (1, [1, 3]), (4, [4, 0])):
+        pipe = LightX2VPipeline(model_cls="wan2.2_moe_distill", task="i2v")
+        pipe.create_generator(device="cpu", height=32, width=32, num_frames=5, boundary_step_index=index)
+        counts = _count_calls(pipe)
+        pipe.generate(seed=1, prompt="p", image_path=picture(32, 32, 3), return_result_tensor=True, progress=False)
+        assert counts == want
+    assert pipe.config.sampling.denoising_step_list == (1000, 750, 500, 250)
+
+
+def test_moe_boundary_routes_by_timestep():
+    pipe = LightX2VPipeline(model_cls="wan2.2_moe", task="t2v")
+    pipe.create_generator(device="cpu", height=32, width=32, num_frames=5, infer_steps=8, boundary=0.875)
+    counts = _count_calls(pipe)
+    pipe.generate(seed=1, prompt="p", return_result_tensor=True, progress=False)
+    ts = timesteps_of(pipe)
+    high = sum(t >= 875 for t in ts)
+    assert 0 < high < 8 and counts == [2 * high, 2 * (8 - high)]  # CFG: two forwards a step
+
+
+def test_moe_lora_goes_to_its_expert(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    lora = tmp_path / "high.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.randn(2, 64, generator=g),
+               "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.randn(64, 2, generator=g)}, str(lora))
+    plain = LightX2VPipeline(model_cls="wan2.2_moe", task="t2v").create_generator(device="cpu")
+    pipe = LightX2VPipeline(model_cls="wan2.2_moe", task="t2v").create_generator(
+        device="cpu", lora_configs=[{"path": str(lora), "strength": 1.0, "name": "high_noise_model"}])
+    q = [e.dit.blocks[0].self_attn.q.weight for e in pipe.runner.denoise.experts]
+    q0 = [e.dit.blocks[0].self_attn.q.weight for e in plain.runner.denoise.experts]
+    assert not torch.equal(q[0], q0[0]) and torch.equal(q[1], q0[1])

@@ -7,6 +7,11 @@ models' outputs (and, for the 1.3B model, of each against a float32 run of diffu
 
     python bench/bench_dit.py                  # 1.3B T2V and 14B I2V at 480x832x81
     python bench/bench_dit.py --models 1.3b --steps 3
+    python bench/bench_dit.py --models a14b-i2v 5b-ti2v   # Wan2.2: one A14B expert; TI2V-5B at 704x1280x121
+
+Wan2.2 A14B runs one of its two experts per step (the high-noise one, then the low-noise one), so its per-step
+time is that of one expert, measured here (I2V expert: 36 input channels, no CLIP). TI2V-5B is measured in its
+image-to-video mode: a timestep per token, 0 on the first latent frame (diffusers: ``expand_timesteps``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,11 @@ from lightx2v.models.wan.checkpoint import assign_strict, dit_key_from_diffusers
 from lightx2v.models.wan.dit import WanDiT  # noqa: E402
 from lightx2v.ops.attention import get_attention_backend  # noqa: E402
 
-MODELS = {"1.3b": "wan2.1-t2v-1.3b", "14b-i2v": "wan2.1-i2v-14b"}
+MODELS = {"1.3b": "wan2.1-t2v-1.3b", "14b-i2v": "wan2.1-i2v-14b", "a14b-i2v": "wan2.2-i2v-a14b",
+          "5b-ti2v": "wan2.2-ti2v-5b"}
+# frames, height, width, VAE spatial stride, timestep per token (first latent frame at 0)
+SIZES = {"5b-ti2v": (121, 704, 1280, 16, True)}
+DEFAULT_SIZE = (81, 480, 832, 8, False)
 FP32_MODULES = re.compile(r"(time_embedder|scale_shift_table|norm1|norm2|norm3)")  # diffusers' _keep_in_fp32_modules
 
 
@@ -62,11 +71,15 @@ def ours_from(ref, cfg, dtype):
     return model.eval()
 
 
-def make_inputs(cfg, frames=81, height=480, width=832, seed=0):
+def make_inputs(cfg, frames=81, height=480, width=832, stride=8, per_token_t=False, seed=0):
     g = torch.Generator("cuda").manual_seed(seed)
-    lat = (1, cfg.in_dim, (frames - 1) // 4 + 1, height // 8, width // 8)
+    lat = (1, cfg.in_dim, (frames - 1) // 4 + 1, height // stride, width // stride)
     x = torch.randn(lat, generator=g, device="cuda")
     t = torch.tensor([700.0], device="cuda")
+    if per_token_t:  # [1, L]: 0 on the tokens of the first latent frame, as diffusers' expand_timesteps gives it
+        per_frame = lat[3] * lat[4] // 4
+        t = torch.full((1, lat[2] * per_frame), 700.0, device="cuda")
+        t[:, :per_frame] = 0
     ctx = torch.randn(1, 512, 4096, generator=g, device="cuda")
     ctx[:, 24:] = 0
     ctx_null = torch.randn(1, 512, 4096, generator=g, device="cuda")
@@ -102,9 +115,11 @@ def rel_l2(a, b):
 def run_model(key, steps, rows):
     cfg = PRESETS[MODELS[key]]
     dtype = torch.bfloat16
-    inputs = make_inputs(cfg)
+    frames, height, width, stride, per_token_t = SIZES.get(key, DEFAULT_SIZE)
+    inputs = make_inputs(cfg, frames, height, width, stride, per_token_t)
     _, _, ctx, ctx_null, _ = inputs
-    row = {"model": MODELS[key], "tokens": inputs[0].shape[2] * inputs[0].shape[3] * inputs[0].shape[4] // 4}
+    row = {"model": MODELS[key], "size": f"{width}x{height}x{frames}",
+           "tokens": inputs[0].shape[2] * inputs[0].shape[3] * inputs[0].shape[4] // 4}
 
     if key == "1.3b":  # float32 truth for the accuracy columns
         ref32 = build_diffusers(cfg, torch.float32)
@@ -147,7 +162,7 @@ def main():
 
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | CUDA {torch.version.cuda} | "
-          f"diffusers {diffusers.__version__} | 480x832x81, CFG (2 forwards per step), SDPA, eager", flush=True)
+          f"diffusers {diffusers.__version__} | CFG (2 forwards per step), SDPA, eager", flush=True)
     rows = []
     for key in args.models:
         run_model(key, args.steps, rows)

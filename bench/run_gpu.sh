@@ -5,6 +5,7 @@
 #   kernels bench_kernels                 attn    bench_attention
 #   e2e     bench_e2e --part e2e          caching bench_e2e --part caching
 #   speed   bench_speed                   offload bench_offload
+#   wan22   bench_dit: Wan2.2 A14B expert and TI2V-5B
 #   all-tests  the whole suite on the GPU machine
 set -uo pipefail
 if [ -d .whl ]; then
@@ -23,6 +24,7 @@ for part in "$@"; do
     tests) (cd .. && python3 -m pytest -q -m gpu -rs tests 2>&1 | tail -n 30) ;;
     all-tests) (cd .. && python3 -m pytest -q -x tests 2>&1 | tail -n 30) ;;
     dit) python3 bench_dit.py --steps 2 ;;
+    wan22) python3 bench_dit.py --models a14b-i2v 5b-ti2v --steps 2 ;;
     kernels) python3 bench_kernels.py ;;
     attn) python3 bench_attention.py ;;
     e2e) python3 bench_e2e.py --part e2e ;;

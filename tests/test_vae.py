@@ -93,9 +93,10 @@ def test_config_roundtrip_through_diffusers(ours):
     assert set(vae_state_dict_to_diffusers(ours.state_dict(), cfg)) == set(model.state_dict())
 
 
-@pytest.mark.parametrize("key,value", [("is_residual", True), ("in_channels", 4), ("out_channels", 12),
-                                       ("patch_size", 2), ("decoder_base_dim", 16), ("some_new_option", 1),
-                                       ("attn_scales", [0.5]), ("scale_factor_spatial", 16)])
+# (is_residual, patch_size with in/out_channels 12, and decoder_base_dim are supported: tests/test_vae22.py)
+@pytest.mark.parametrize("key,value", [("in_channels", 4), ("out_channels", 12), ("patch_size", 2),
+                                       ("some_new_option", 1), ("attn_scales", [0.5]), ("scale_factor_spatial", 16),
+                                       ("scale_factor_temporal", 8), ("is_residual", "yes")])
 def test_config_rejects_what_changes_the_architecture(key, value):
     d = dict(TINY, _class_name="AutoencoderKLWan", _diffusers_version="0.42.1", dropout=0.0, **{key: value})
     with pytest.raises(UserError, match=key):

@@ -6,6 +6,10 @@ same seed has the same weights) and inputs. A step is CFG: ours as one batch of 
 diffusers as two forwards (its pipeline). Accuracy: relative L2 of each mode's output against ours bf16 + SDPA.
 
     python bench/bench_speed.py --models 14b-i2v 1.3b --steps 2
+    python bench/bench_speed.py --models 14b-i2v --no_compile --profile   # + where each mode's step time goes
+
+``--profile`` runs one more step of each eager mode under torch.profiler and prints its GPU time by kind of kernel
+(GEMMs, attention, our fused Triton kernels, activation quantization, other PyTorch kernels).
 """
 
 from __future__ import annotations
@@ -77,12 +81,53 @@ def timed(fn, steps):
     return (time.perf_counter() - t0) / steps, out
 
 
+# kernel name -> kind, first match wins (CUDA kernel names as the profiler reports them)
+KINDS = (
+    ("attention", re.compile(r"sage_attn_fwd|sage_quant|sage_kv|flash|fmha|cudnn|attention", re.I)),
+    ("activation quant", re.compile(r"act_quant", re.I)),
+    ("GEMM", re.compile(r"gemm|int8_mm|xmma|cutlass|nvjet|sm90|_mm_|matmul", re.I)),
+    ("fused Triton (norm/rope/residual)", re.compile(r"norm_modulate|gated_residual|rms_norm|rope", re.I)),
+)
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if pattern.search(name):
+            return kind
+    return "other PyTorch kernels"
+
+
+@torch.inference_mode()
+def profile(fn) -> dict:
+    """GPU milliseconds of one step by kind of kernel, and the step's wall time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    by_kind: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if us <= 0 or ev.key.startswith("ProfilerStep"):
+            continue
+        by_kind[kind_of(ev.key)] = by_kind.get(kind_of(ev.key), 0.0) + us / 1e3
+        top[ev.key] = top.get(ev.key, 0.0) + us / 1e3
+    busiest = sorted(top.items(), key=lambda kv: -kv[1])[:6]
+    return {"wall ms": wall * 1e3, "kinds": by_kind, "top": busiest}
+
+
 def rel(a, b):
     a, b = a.float()[:1], b.float()[:1]
     return ((a - b).norm() / b.norm()).item()
 
 
-def run(key, steps, compile_modes, rows, quants=("bf16", "fp8", "int8")):
+def run(key, steps, compile_modes, rows, quants=("bf16", "fp8", "int8"), profiles=None):
     from lightx2v.hooks.compile import apply_compile, remove_compile
     from lightx2v.ops.attention import get_attention_backend
     from lightx2v.ops.quant import apply_quantization
@@ -111,6 +156,8 @@ def run(key, steps, compile_modes, rows, quants=("bf16", "fp8", "int8")):
             if compiled:
                 remove_compile(dit)
         base = out if base is None else base
+        if profiles is not None and not compiled:
+            profiles[mode] = profile(ours_step(dit, inp))
         rows.append({"model": preset, "mode": mode + (" + compile" if compiled else ""), "s/step": s,
                      "vs diffusers": s / d_s, "rel L2 vs bf16 exact": rel(out, base),
                      "peak GiB": torch.cuda.max_memory_allocated() / 2**30})
@@ -149,19 +196,28 @@ def main():
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--no_compile", action="store_true")
     ap.add_argument("--quant", nargs="+", default=["bf16", "fp8", "int8"], choices=["bf16", "fp8", "int8"])
+    ap.add_argument("--profile", action="store_true", help="GPU time by kind of kernel for each eager mode")
     args = ap.parse_args()
     import diffusers
 
     print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | diffusers {diffusers.__version__} | "
           "480x832x81, CFG", flush=True)
-    rows = []
+    rows, profiles = [], ({} if args.profile else None)
     for key in args.models:
-        run(key, args.steps, [False] if args.no_compile else [False, True], rows, args.quant)
+        run(key, args.steps, [False] if args.no_compile else [False, True], rows, args.quant, profiles)
     cols = list(dict.fromkeys(k for r in rows for k in r))
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols)
               + " |")
+    if profiles:
+        kinds = list(dict.fromkeys(k for p in profiles.values() for k in p["kinds"]))
+        print("\nGPU ms per CFG step (one batch of 2) by kind of kernel (torch.profiler)\n")
+        print("| mode | step wall ms | " + " | ".join(kinds) + " |\n|" + "---|" * (len(kinds) + 2))
+        for mode, p in profiles.items():
+            print(f"| {mode} | {p['wall ms']:.0f} | " + " | ".join(f"{p['kinds'].get(k, 0):.0f}" for k in kinds) + " |")
+        for mode, p in profiles.items():
+            print(f"\n{mode}: busiest kernels: " + "; ".join(f"{n[:70]} {ms:.0f} ms" for n, ms in p["top"]))
 
 
 if __name__ == "__main__":

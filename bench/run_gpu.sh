@@ -5,7 +5,7 @@
 #   kernels bench_kernels                 attn    bench_attention
 #   e2e     bench_e2e --part e2e          caching bench_e2e --part caching
 #   speed   bench_speed                   offload bench_offload
-#   wan22   bench_dit: Wan2.2 A14B expert and TI2V-5B
+#   wan22   bench_dit: Wan2.2 A14B expert and TI2V-5B   profile  bench_speed 14B eager modes + profile
 #   all-tests  the whole suite on the GPU machine
 set -uo pipefail
 if [ -d .whl ]; then
@@ -30,6 +30,7 @@ for part in "$@"; do
     e2e) python3 bench_e2e.py --part e2e ;;
     caching) python3 bench_e2e.py --part caching ;;
     speed) python3 bench_speed.py --steps 2 ;;
+    profile) python3 bench_speed.py --models 14b-i2v --no_compile --profile --steps 2 ;;
     offload) python3 bench_offload.py ;;
   esac 2>&1 | tee "$OUT/$part.log"
 done

@@ -8,7 +8,8 @@ import torch
 from lightx2v import LightX2VPipeline
 from lightx2v.convert import convert_checkpoint
 from lightx2v.errors import UserError
-from tiny_reference import FLOW_SHIFT, build_diffusers_wan22_moe_pipeline, tiny_diffusers_dit
+from tiny_reference import (FLOW_SHIFT, build_diffusers_wan22_moe_pipeline, build_diffusers_wan22_ti2v_pipeline,
+                            tiny_diffusers_dit)
 
 pytest.importorskip("diffusers")
 
@@ -189,3 +190,70 @@ def test_moe_lora_goes_to_its_expert(tmp_path):
     q = [e.dit.blocks[0].self_attn.q.weight for e in pipe.runner.denoise.experts]
     q0 = [e.dit.blocks[0].self_attn.q.weight for e in plain.runner.denoise.experts]
     assert not torch.equal(q[0], q0[0]) and torch.equal(q[1], q0[1])
+
+
+# --- TI2V-5B: 48-channel latents through the Wan2.2 VAE (16x), the image as the first latent frame at t = 0 ---
+
+W5 = 64  # pixel sizes divisible by 32 (16x VAE, 2x2 patches)
+
+
+@pytest.fixture(scope="module")
+def ti2v(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ti2v")
+    built = {}
+    for task in ("t2v", "i2v"):
+        pipe = build_diffusers_wan22_ti2v_pipeline(d / "tok", task)
+        pipe.save_pretrained(d / task)
+        built[task] = (d / task, pipe)
+    return built
+
+
+def ti2v_reference(pipe, image=None, seed=7):
+    kw = {"image": image} if image is not None else {}
+    out = pipe(prompt=PROMPT, negative_prompt=NEG, height=H, width=W5, num_frames=F, num_inference_steps=STEPS,
+               guidance_scale=5.0, generator=torch.Generator().manual_seed(seed), output_type="np", **kw)
+    return torch.from_numpy(np.asarray(out.frames[0]))
+
+
+def ti2v_ours(model_dir, task, image=None, seed=7):
+    frames, pipe = ours(model_dir, task, guidance=(5.0,), seed=seed, image=image, model_cls="wan2.2", width=W5,
+                        guidance_scale=5.0)
+    return frames, pipe
+
+
+def test_ti2v_t2v_matches_diffusers(ti2v, tmp_path):
+    model_dir, pipe = ti2v["t2v"]
+    want = ti2v_reference(pipe)
+    got, mine = ti2v_ours(model_dir, "t2v")
+    assert got.shape == want.shape == (F, H, W5, 3)
+    assert mine.config.sampling.fps == 24  # the Wan2.2 5B default
+    assert (got - want).abs().max().item() <= TOL
+    assert (ti2v_ours(model_dir, "t2v", seed=8)[0] - want).abs().max().item() > 10 * TOL
+    wan = convert_checkpoint(model_dir, tmp_path / "wan", layout="wan")
+    assert (wan / "Wan2.2_VAE.pth").is_file() and not (wan / "Wan2.1_VAE.pth").exists()
+    assert (ti2v_ours(wan, "t2v")[0] - want).abs().max().item() <= TOL
+
+
+def test_ti2v_i2v_matches_diffusers(ti2v, tmp_path):
+    model_dir, pipe = ti2v["i2v"]
+    img = picture(W5, H, 0)
+    want = ti2v_reference(pipe, image=img)
+    got, _ = ti2v_ours(model_dir, "i2v", image=img)
+    assert (got - want).abs().max().item() <= TOL
+    assert (ti2v_ours(model_dir, "i2v", image=picture(W5, H, 1))[0] - want).abs().max().item() > 10 * TOL
+    wan = convert_checkpoint(model_dir, tmp_path / "wan", layout="wan")
+    assert (ti2v_ours(wan, "i2v", image=img)[0] - want).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_tiny_ti2v_builtin(task, tmp_path):
+    """The built-in tiny TI2V model (48-channel VAE at 16x): both tasks run; the image is the first frame."""
+    pipe = LightX2VPipeline(model_cls="wan2.2", task=task)
+    pipe.create_generator(device="cpu", height=64, width=96, num_frames=5, infer_steps=3)
+    image = picture(96, 64, 2) if task == "i2v" else None
+    path, frames = pipe.generate(seed=3, prompt="a cat", image_path=image, save_result_path=tmp_path / "o.mp4",
+                                 return_result_tensor=True, progress=False)
+    assert frames.shape == (5, 64, 96, 3) and path.is_file()
+    assert pipe.runner.encode.vae_spatial == 16 and pipe.config.sampling.fps == 24
+    with pytest.raises(UserError, match="divisible by 32"):
+        LightX2VPipeline(model_cls="wan2.2", task=task).create_generator(device="cpu", height=48, width=96)

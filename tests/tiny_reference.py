@@ -74,6 +74,33 @@ def build_diffusers_wan22_moe_pipeline(tok_dir, task: str):
     return diffusers.WanPipeline(**parts, boundary_ratio=0.875)
 
 
+def tiny_diffusers_wan22_vae(seed: int = 13):
+    """A toy-width Wan2.2 VAE: 48 latent channels, 2x2 patchify + 8x, residual levels."""
+    import diffusers
+
+    from lightx2v.models.wan.vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+
+    vae = diffusers.AutoencoderKLWan(base_dim=8, decoder_base_dim=12, z_dim=48, dim_mult=[1, 2, 2, 2],
+                                     num_res_blocks=1, temperal_downsample=[False, True, True], is_residual=True,
+                                     in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
+                                     latents_mean=list(WAN22_LATENTS_MEAN), latents_std=list(WAN22_LATENTS_STD)).eval()
+    randomise(vae, seed)
+    return vae
+
+
+def build_diffusers_wan22_ti2v_pipeline(tok_dir, task: str):
+    """Wan2.2 TI2V-5B at toy size: 48-channel DiT and VAE, a timestep per token (``expand_timesteps``)."""
+    import diffusers
+
+    base = build_diffusers_wan_pipeline(tok_dir)
+    parts = dict(tokenizer=base.tokenizer, text_encoder=base.text_encoder, scheduler=base.scheduler,
+                 vae=tiny_diffusers_wan22_vae(), transformer=tiny_diffusers_dit(48, 48))
+    if task == "i2v":
+        return diffusers.WanImageToVideoPipeline(**parts, image_encoder=None, image_processor=None,
+                                                 expand_timesteps=True)
+    return diffusers.WanPipeline(**parts, expand_timesteps=True)
+
+
 def build_diffusers_wan_pipeline(tok_dir, in_channels: int = 16, image_dim=None, flf: bool = False):
     import diffusers
     from transformers import UMT5Config, UMT5EncoderModel

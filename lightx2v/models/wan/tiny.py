@@ -42,9 +42,11 @@ TINY_VAE22_Z = 48  # the Wan2.2 VAE's latent width (kept real: the latent statis
 
 def tiny_vae22_config():
     """A toy-width Wan2.2 VAE (48 latent channels, 16x spatial)."""
-    from lightx2v.errors import UserError
+    from lightx2v.models.wan.vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, WanVAEConfig
 
-    raise UserError("there is no built-in tiny model for model_cls 'wan2.2' yet; pass model_path")
+    return WanVAEConfig(base_dim=8, decoder_base_dim=12, z_dim=TINY_VAE22_Z, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
+                        temperal_downsample=(False, True, True), latents_mean=WAN22_LATENTS_MEAN,
+                        latents_std=WAN22_LATENTS_STD, is_residual=True, patch_size=2)
 
 
 def cache_root() -> Path:

@@ -81,6 +81,13 @@ def test_a14b_t2v_matches_diffusers(moe_t2v, tmp_path):
     wan = convert_checkpoint(model_dir, tmp_path / "wan", layout="wan")
     assert (wan / "high_noise_model" / "config.json").is_file() and (wan / "low_noise_model").is_dir()
     assert (ours(wan)[0] - want).abs().max().item() <= TOL
+    # ... and back to diffusers, which loads it as a two-expert pipeline with the same boundary
+    import diffusers
+
+    back = diffusers.WanPipeline.from_pretrained(convert_checkpoint(wan, tmp_path / "back", layout="diffusers"))
+    assert back.transformer_2 is not None and back.config.boundary_ratio == 0.875
+    back.scheduler = pipe.scheduler
+    assert (reference(back) - want).abs().max().item() <= 1e-5
 
 
 def test_a14b_i2v_matches_diffusers(moe_i2v, tmp_path):
@@ -232,6 +239,12 @@ def test_ti2v_t2v_matches_diffusers(ti2v, tmp_path):
     wan = convert_checkpoint(model_dir, tmp_path / "wan", layout="wan")
     assert (wan / "Wan2.2_VAE.pth").is_file() and not (wan / "Wan2.1_VAE.pth").exists()
     assert (ti2v_ours(wan, "t2v")[0] - want).abs().max().item() <= TOL
+    import diffusers
+
+    back = diffusers.WanPipeline.from_pretrained(convert_checkpoint(wan, tmp_path / "back", layout="diffusers"))
+    assert back.config.expand_timesteps and back.vae.config.z_dim == 48
+    back.scheduler = pipe.scheduler
+    assert (ti2v_reference(back) - want).abs().max().item() <= 1e-5
 
 
 def test_ti2v_i2v_matches_diffusers(ti2v, tmp_path):

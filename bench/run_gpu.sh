@@ -6,6 +6,7 @@
 #   e2e     bench_e2e --part e2e          caching bench_e2e --part caching
 #   speed   bench_speed                   offload bench_offload
 #   wan22   bench_dit: Wan2.2 A14B expert and TI2V-5B   profile  bench_speed 14B eager modes + profile
+#   vae     bench_vae: VAE decode, ours vs diffusers (Wan2.1 480x832x81, Wan2.2 704x1280x121)
 #   all-tests  the whole suite on the GPU machine
 set -uo pipefail
 if [ -d .whl ]; then
@@ -25,6 +26,7 @@ for part in "$@"; do
     all-tests) (cd .. && python3 -m pytest -q -x tests 2>&1 | tail -n 30) ;;
     dit) python3 bench_dit.py --steps 2 ;;
     wan22) python3 bench_dit.py --models a14b-i2v 5b-ti2v --steps 2 ;;
+    vae) python3 bench_vae.py --profile ;;
     kernels) python3 bench_kernels.py ;;
     attn) python3 bench_attention.py ;;
     e2e) python3 bench_e2e.py --part e2e ;;

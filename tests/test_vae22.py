@@ -3,6 +3,9 @@ CPU float32. Also the channels-last / fused-norm execution path of both VAEs aga
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -404,9 +407,9 @@ def test_avg_down_matches_diffusers(cin, cout, ft, fs, t):
 
 @pytest.mark.parametrize("wan22", [False, True])
 def test_channels_last_and_fused_norm_path_gives_the_same_values(ours, wan22, monkeypatch):
-    """The GPU execution path on the CPU: channels-last activations and weights, and the fused-norm branch (here
-    served by ops.triton.rms_norm's PyTorch fallback, as CPU tensors select it) give the plain path's values to
-    float32 rounding; the weights' values are untouched by the layout changes."""
+    """The GPU execution path on the CPU: channels-last activations and weights, and the fused residual-block passes
+    (conv biases deferred into the next pass; here their PyTorch fallbacks, as CPU tensors select them) give the
+    plain path's values to float32 rounding; the weights' values are untouched by the layout changes."""
     if wan22:
         vae, video, latents = ours, _video(5), _latents(2)
     else:
@@ -425,12 +428,14 @@ def test_channels_last_and_fused_norm_path_gives_the_same_values(ours, wan22, mo
         self._weights_channels_last = True
         return x.contiguous(memory_format=torch.channels_last_3d)
 
-    fused_calls = []
+    calls = {"norm": 0, "residual": 0}
+    norm_rows, residual_rows = vae_mod._bias_norm_silu_rows, vae_mod._bias_residual_rows_
 
-    def use_fused(x, out):  # the CUDA condition without the CUDA part
-        ok = vae_mod._is_channels_last(x) and vae_mod._is_channels_last(out)
-        fused_calls.append(ok)
-        return ok
+    def count(key, fn):
+        def wrapped(*a):
+            calls[key] += 1
+            return fn(*a)
+        return wrapped
 
     conv3d = torch.nn.Conv3d._conv_forward
 
@@ -439,12 +444,15 @@ def test_channels_last_and_fused_norm_path_gives_the_same_values(ours, wan22, mo
 
     with monkeypatch.context() as m:
         m.setattr(WanVAE, "_run_layout", channels_last_layout)
-        m.setattr(vae_mod, "_use_fused_norm", use_fused)
+        m.setattr(vae_mod, "_use_fused", vae_mod._is_channels_last)  # the CUDA condition without the CUDA part
         m.setattr(torch.nn.Conv3d, "_conv_forward", conv3d_channels_last)
+        m.setattr(vae_mod, "_bias_norm_silu_rows", count("norm", norm_rows))
+        m.setattr(vae_mod, "_bias_residual_rows_", count("residual", residual_rows))
         cl_z, cl_x = vae.encode_raw(video), vae.decode_raw(latents)
         conv = vae.decoder.conv1.weight
         assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
-    assert fused_calls and all(fused_calls)  # every norm went through the fused branch
+    n_blocks = sum(isinstance(b, vae_mod.ResidualBlock) for b in vae.modules())
+    assert calls["residual"] >= n_blocks and calls["norm"] >= 2 * n_blocks  # the fused passes ran (torch fallbacks)
     vae._run_layout(video)  # the real one, on the CPU: converts the weights back
     assert vae.decoder.conv1.weight.is_contiguous()
     assert all(torch.equal(v, weights[k]) for k, v in vae.state_dict().items())
@@ -453,22 +461,59 @@ def test_channels_last_and_fused_norm_path_gives_the_same_values(ours, wan22, mo
     assert torch.equal(vae.encode_raw(video), plain_z) and torch.equal(vae.decode_raw(latents), plain_x)
 
 
-def test_fused_norm_math_equals_the_norm():
-    """The fused norm's function (rms_norm with weight gamma and eps 1e-24/C, then SiLU) is RMSNorm + SiLU; checked
-    with PyTorch's rms_norm, which the Triton kernel matches (tests/test_triton_kernels.py)."""
+def test_fused_norm_fallback_equals_the_norm():
+    """The fused pass's function, silu(norm(x + bias)) on [pixels, C] rows, is the plain path's; an all-zero pixel
+    stays 0 (F.normalize's floor)."""
     norm = vae_mod.RMSNorm(24, 3)
     with torch.no_grad():
         norm.gamma.uniform_(0.5, 1.5)
     x = torch.randn(2, 24, 3, 4, 5)
-    x[0, :, 0, 0, 0] = 0  # an all-zero pixel stays 0 (F.normalize's floor)
-    want = torch.nn.functional.silu(norm(x))
-    rows = x.permute(0, 2, 3, 4, 1)
-    got = torch.nn.functional.silu(torch.nn.functional.rms_norm(rows, (24,), norm.gamma.view(24), 1e-24 / 24))
-    assert torch.allclose(got.permute(0, 4, 1, 2, 3), want, rtol=1e-5, atol=1e-6)
-    out = torch.empty(2, 24, 5, 4, 5)[:, :, 2:]  # a view into a larger buffer, as the causal conv passes it
+    bias = torch.randn(24)
+    x[0, :, 0, 0, 0] = -bias
+    want = torch.nn.functional.silu(norm(x + bias.view(1, -1, 1, 1, 1)))
+    out = torch.empty(2, 24, 5, 4, 5).contiguous(memory_format=torch.channels_last_3d)[:, :, 2:]  # a buffer's tail
+    xc = x.contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
-        norm.silu_into(x, out)
-    assert torch.allclose(out, want, rtol=1e-6, atol=1e-7)  # CPU SiLU rounds by position in its vector loop
+        for b in range(2):
+            vae_mod._bias_norm_silu_rows(vae_mod._pixel_rows(xc[b]), bias, norm.gamma.view(24), norm.scale,
+                                         vae_mod._pixel_rows(out[b]))
+    assert out[0, :, 0, 0, 0].abs().max() == 0
+    assert torch.allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+def _interpreter_report() -> dict:
+    """Body of the TRITON_INTERPRET=1 subprocess: each Triton pass against its PyTorch fallback, on CPU tensors."""
+    report = {}
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16):
+        for r, c, with_bias in ((37, 24, True), (5, 96, False), (3, 130, True)):  # ragged rows, odd widths
+            x = torch.randn(r, c, generator=g).to(dtype)
+            x[0] = 0
+            bias = torch.randn(c, generator=g).to(dtype) if with_bias else None
+            gamma = (1 + 0.2 * torch.randn(c, generator=g)).to(dtype)
+            got, want = torch.full_like(x, float("nan")), torch.empty_like(x)
+            vae_mod._bias_norm_silu_rows(x, bias, gamma, c**0.5, got)  # Triton (interpreted)
+            os.environ["TRITON_INTERPRET"] = "0"
+            vae_mod._bias_norm_silu_rows(x, bias, gamma, c**0.5, want)  # the fallback
+            os.environ["TRITON_INTERPRET"] = "1"
+            report[f"norm {dtype} {r}x{c} bias={with_bias}"] = _rel(got, want)
+            h, sc, b = x.clone(), torch.randn(r, c, generator=g).to(dtype), torch.randn(c, generator=g).to(dtype)
+            got = h.clone()
+            vae_mod._bias_residual_rows_(got, b, sc)
+            report[f"residual {dtype} {r}x{c}"] = _rel(got, h.add_(b).add_(sc))
+    return report
+
+
+def test_fused_passes_under_the_triton_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(report) == 12
+    bad = {k: v for k, v in report.items() if not v <= (1e-6 if "float32" in k else 2e-3)}
+    assert not bad, bad
 
 
 def test_cudnn_autotune_is_restored():
@@ -479,3 +524,9 @@ def test_cudnn_autotune_is_restored():
     with pytest.raises(RuntimeError), vae_mod._cudnn_autotune(True):
         raise RuntimeError
     assert torch.backends.cudnn.benchmark == before
+
+
+if __name__ == "__main__":  # the interpreter subprocess of test_fused_passes_under_the_triton_interpreter
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("run with TRITON_INTERPRET=1")
+    print(json.dumps(_interpreter_report()))

@@ -109,6 +109,19 @@ def test_a14b_offload_and_default_boundary(moe_t2v):
     assert pipe.config.sampling.boundary == 0.875
     off, _ = ours(model_dir, cpu_offload=True, offload_granularity="block")
     assert torch.equal(plain, off)
+    # model-level offload: while one expert computes, the other holds nothing on the device
+    pipe = LightX2VPipeline(model_path=model_dir, model_cls="wan2.2_moe", task="t2v")
+    pipe.create_generator(device="cpu", sample_shift=FLOW_SHIFT, height=H, width=W, num_frames=F, infer_steps=STEPS,
+                          cpu_offload=True, offload_granularity="model")
+    experts = pipe.runner.denoise.experts
+    seen = []
+    for me, other in ((experts[0], experts[1]), (experts[1], experts[0])):
+        me.dit.register_forward_pre_hook(lambda m, a, me=me, other=other: seen.append(
+            (me.index, len(me.offload.resident_blocks()) > 0, other.offload.resident_blocks())))
+    _, frames = pipe.generate(seed=7, prompt=PROMPT, negative_prompt=NEG, return_result_tensor=True, progress=False)
+    assert torch.equal(frames, plain)
+    assert {i for i, _, _ in seen} == {0, 1} and all(mine and not other for _, mine, other in seen)
+    assert [i for i, _, _ in seen] == sorted(i for i, _, _ in seen)  # high first, then low: one switch
 
 
 def test_model_class_must_fit(moe_t2v, tiny_diffusers_t2v):

@@ -134,6 +134,14 @@ def test_model_class_must_fit(moe_t2v, tiny_diffusers_t2v):
         LightX2VPipeline(model_path=moe_t2v[0], model_cls="wan2.2_moe", task="flf2v")
     with pytest.raises(UserError, match="guidance_scale"):
         ours(moe_t2v[0], guidance=(1.0, 2.0, 3.0))
+    one = LightX2VPipeline(model_path=tiny_diffusers_t2v[0], model_cls="wan2.1", task="t2v")
+    for bad in ({"guidance_scale": [4.0, 3.0]}, {"boundary": 0.9}, {"boundary_step_index": 1}):
+        with pytest.raises(UserError, match="this model has one DiT"):
+            one.create_generator(device="cpu", **bad)
+    with pytest.raises(UserError, match="step-distilled"):
+        ours(moe_t2v[0], boundary_step_index=2)
+    with pytest.raises(UserError, match="either boundary or boundary_step_index"):
+        LightX2VPipeline(model_cls="wan2.2_moe_distill", task="t2v").create_generator(device="cpu", boundary=0.9)
 
 
 def test_per_frame_timesteps_match_diffusers():

@@ -371,6 +371,7 @@ class WanRunner:
             raise CheckpointError(f"text encoder width {text_dim} does not match the DiT's text_dim {dit_cfg.text_dim}")
         attn = get_attention_backend(cfg.attention.self_attn_1_type, dtype=dt, head_dim=dit_cfg.head_dim, device=dev)
 
+        _check_expert_settings(cfg.sampling, len(experts))
         off = cfg.offload
         weights = _weights_files(ck, experts)
         if len(experts) > 1 and cfg.cache.method != "NoCaching":
@@ -405,8 +406,6 @@ class WanRunner:
             stage_experts.append(Expert(dit, offload, cache, index))
         self.offload = stage_experts[0].offload
         cfg_batch = rt.cfg_batch if isinstance(rt.cfg_batch, bool) else dev.type == "cuda"
-        if len(experts) > 1 and cfg.sampling.boundary is None and cfg.sampling.boundary_step_index is None:
-            raise UserError("a two-expert model needs boundary (or boundary_step_index for step-distilled models)")
 
         from lightx2v.models.wan.vae import TilingConfig
 
@@ -531,6 +530,27 @@ def _vae_config(path: Path):
     if path.is_dir():
         return WanVAEConfig.from_diffusers_config(read_json(path / "config.json", "VAE config"))
     return WanVAEConfig.from_state_dict(torch_load_state_dict(path))
+
+
+def _check_expert_settings(s: SamplingConfig, n_experts: int) -> None:
+    """The two-expert settings must fit the model: none of them is silently ignored."""
+    if n_experts == 1:
+        given = [name for name, v in (("boundary", s.boundary), ("boundary_step_index", s.boundary_step_index))
+                 if v is not None]
+        if isinstance(s.guidance_scale, tuple):
+            given.append(f"guidance_scale={list(s.guidance_scale)}")
+        if given:
+            raise UserError(f"{', '.join(given)}: two-expert (Wan2.2 A14B) settings, but this model has one DiT; "
+                            "give guidance_scale as one number")
+        return
+    if s.boundary_step_index is not None:
+        if s.denoising_step_list is None:
+            raise UserError("boundary_step_index is for step-distilled two-expert models (with denoising_step_list); "
+                            "use boundary (a fraction of 1000 timesteps)")
+        if s.boundary is not None:
+            raise UserError("set either boundary or boundary_step_index, not both")
+    elif s.boundary is None:
+        raise UserError("a two-expert model needs boundary (or boundary_step_index for step-distilled models)")
 
 
 def _weights_files(ck, experts) -> list[str | None]:

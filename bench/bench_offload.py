@@ -4,6 +4,10 @@ and the peak memory of tiled VAE decoding at 720x1280x81.
 Modes run in one process on the same weights and inputs: no offload, block, phase (lazy_load in a child process,
 so that its host RSS is measured from a clean baseline). A step is two forwards (cond, uncond), as with offload
 the branches run one after the other; the no-offload row runs the same way. One warm-up step, mean of 2.
+Two more no-offload rows time the attention settings (``WanDiT.set_attention_chunks``): the I2V cross-attention
+over whole sequences (as before query chunking) and the lean self-attention (head groups). After the timed steps
+of a row, one more forward measures the peak per stage (embeddings, self-attention, cross-attention, FFN, head;
+the allocator's counters are host-side, so the hooks need no synchronisation).
 
     python bench/bench_offload.py [--parts dit lazy vae]
 """
@@ -54,21 +58,66 @@ def time_steps(dit, inp, steps=2):
     return (time.perf_counter() - t0) / steps, gib(torch.cuda.max_memory_allocated()), out
 
 
+@torch.inference_mode()
+def stage_peaks(dit, inp) -> dict[str, float]:
+    """One forward; the peak allocated GiB of each stage (the block stages: the max over the blocks)."""
+    x, t, ctx, _, clip = inp
+    peaks: dict[str, float] = {}
+    current: list[str | None] = [None]
+
+    def enter(name):
+        if current[0] is not None:
+            peaks[current[0]] = max(peaks.get(current[0], 0.0), gib(torch.cuda.max_memory_allocated()))
+        torch.cuda.reset_peak_memory_stats()
+        current[0] = name
+
+    # Registered after the offload hooks: a unit is made resident before its stage starts here.
+    hooks = [dit.register_forward_pre_hook(lambda m, a: enter("embeddings")),
+             dit.register_forward_hook(lambda m, a, o: enter(None)),
+             dit.blocks[-1].register_forward_hook(lambda m, a, o: enter("head"))]
+    for b in dit.blocks:
+        hooks += [b.self_attn.register_forward_pre_hook(lambda m, a: enter("self-attn")),
+                  b.norm3.register_forward_pre_hook(lambda m, a: enter("cross-attn")),
+                  b.cross_attn.register_forward_hook(lambda m, a, o: enter("ffn"))]
+    torch.cuda.synchronize()
+    dit(x, t, ctx, clip)
+    torch.cuda.synchronize()
+    for h in hooks:
+        h.remove()
+    return {k: round(v, 2) for k, v in peaks.items()}
+
+
+def rel_l2(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 def part_dit(rows):
     dit = build_dit(PRESET)
     inp = inputs(dit.cfg)
     base_s, base_mem, ref = time_steps(dit, inp)
     rows.append({"mode": "none", "s/step": base_s, "ratio": 1.0, "peak GiB": base_mem, "exact": "-"})
-    print(rows[-1], flush=True)
+    print(rows[-1], "| stages:", stage_peaks(dit, inp), flush=True)
+    # Attention settings without offload: the cross-attention over whole sequences, the lean self-attention.
+    for name, kw in (("none, cross-attn unchunked", dict(query_tokens=None)),
+                     ("none, lean self-attn (head_group 8)", dict(head_group=8))):
+        dit.set_attention_chunks(**kw)
+        s, mem, out = time_steps(dit, inp)
+        rows.append({"mode": name, "s/step": s, "ratio": s / base_s, "peak GiB": mem,
+                     "exact": bool(torch.equal(out, ref)), "rel L2 vs none": rel_l2(out, ref)})
+        print(rows[-1], "| stages:", stage_peaks(dit, inp), flush=True)
+        dit.set_attention_chunks()
     for gran in ("block", "phase"):
         dit.cpu()
         gc.collect(), torch.cuda.empty_cache()
         handle = apply_offload(dit, OffloadConfig(cpu_offload=True, offload_granularity=gran), torch.device("cuda"))
         with handle.resident():
             s, mem, out = time_steps(dit, inp)
+            st = handle.stats()
+            stages = stage_peaks(dit, inp)
         rows.append({"mode": gran, "s/step": s, "ratio": s / base_s, "peak GiB": mem,
-                     "exact": bool(torch.equal(out, ref)), "GB copied/step": handle.stats().bytes_h2d / 1e9 / 3})
-        print(rows[-1], flush=True)
+                     "exact": bool(torch.equal(out, ref)), "GB copied/step": st.bytes_h2d / 1e9 / 3,
+                     "slots GiB": gib(st.slot_bytes), "resident weights GiB": gib(st.resident_bytes)})
+        print(rows[-1], "| stages:", stages, flush=True)
         handle.remove()
     dit.cpu()
     return dit, base_s

@@ -139,7 +139,11 @@ def test_slots_bit_identical_and_bounded(plain, granularity, num_prefetch):
     out1, out2 = run(model), run(model)
     assert torch.equal(out1, ref) and torch.equal(out2, ref)
 
-    n_units = CFG.num_layers * (3 if granularity == "phase" else 1)
+    # The block units, and the embeddings packed into at most `slots` units ahead of them in the cycle.
+    n_embed = len(handle._embed)
+    assert 1 <= n_embed <= num_prefetch + 1
+    n_units = CFG.num_layers * (3 if granularity == "phase" else 1) + n_embed
+    assert len(handle._units) == n_units
     slots = num_prefetch + 1
     st = handle.stats()
     assert st.peak_units_resident <= slots and st.peak_blocks_resident <= slots
@@ -159,18 +163,21 @@ def test_slots_bit_identical_and_bounded(plain, granularity, num_prefetch):
 def test_block_weights_live_in_host_buffers(plain):
     model = copy.deepcopy(plain[0])
     handle = apply_offload(model, offload_cfg("block"), CPU)
-    for u, block in zip(handle._units, model.blocks):
+    block_units = [u for u in handle._units if u.block is not None]
+    for u, block in zip(block_units, model.blocks):
         host = u.host.tensor.untyped_storage().data_ptr()
         assert all(t.untyped_storage().data_ptr() == host for t in block.parameters())
-    # Non-block weights are on the device (here: plain CPU tensors of their own).
-    assert model.patch_embedding.weight.untyped_storage().data_ptr() not in {
-        u.host.tensor.untyped_storage().data_ptr() for u in handle._units}
+    # The head stays on the device (here: a plain CPU tensor of its own); the embeddings are offloaded too
+    # (tests/test_offload_memory.py).
+    hosts = {u.host.tensor.untyped_storage().data_ptr() for u in handle._units}
+    assert model.head.head.weight.untyped_storage().data_ptr() not in hosts
+    assert model.patch_embedding.weight.untyped_storage().data_ptr() in hosts
 
 
 def test_phase_keeps_modulation_resident(plain):
     model = copy.deepcopy(plain[0])
     handle = apply_offload(model, offload_cfg("phase"), CPU)
-    assert [u.kind for u in handle._units[:3]] == ["self_attn", "cross_attn", "ffn"]
+    assert [u.kind for u in handle._units if u.block == 0] == ["self_attn", "cross_attn", "ffn"]
     names = {s.name for u in handle._units if u.block == 0 for s in u.layout}
     assert "modulation" not in names and "norm3.weight" in names and "ffn.0.weight" in names
     run(model)
@@ -183,15 +190,19 @@ def test_fewer_units_than_slots_copy_once(plain):
     handle = apply_offload(model, offload_cfg("block", num_prefetch=3), CPU)
     for _ in range(3):
         assert torch.equal(run(model), ref)
-    assert handle.stats().copies == 2  # both blocks stay in their slots
+    assert len(handle._units) <= 4
+    assert handle.stats().copies == len(handle._units)  # both blocks (and the embeddings) stay in their slots
 
 
-def test_onload_offload_frees_and_refills_slots(plain):
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_onload_offload_frees_and_refills_slots(plain, embeddings):
     ref_model, ref = plain
     model = copy.deepcopy(ref_model)
-    handle = apply_offload(model, offload_cfg("block"), CPU)
+    handle = apply_offload(model, offload_cfg("block", offload_embeddings=embeddings), CPU)
     with handle.resident():
-        assert handle.resident_blocks() == [0, 1]  # onload() prefetched the first window
+        # onload() prefetched the first window: blocks 0 and 1, or the embeddings (two units for this model)
+        assert handle.resident_blocks() == ([] if embeddings else [0, 1])
+        assert [s.unit for s in handle._slots] == handle._units[:2]
         assert torch.equal(run(model), ref)
     assert handle.stats().slot_bytes == 0 and handle.resident_blocks() == []
     assert torch.equal(run(model), ref)  # slots come back on demand
@@ -294,7 +305,9 @@ def test_lazy_load_bit_identical(plain, saved, granularity, source):
         assert torch.equal(run(model), ref)
     st = handle.stats()
     assert st.peak_blocks_resident <= 2 and probe.max_pointing <= 2
-    assert st.bytes_read == st.bytes_h2d > 0
+    # Only the blocks are read from the checkpoint; the embeddings are copied from their host copy.
+    assert handle._embed and all(u.host is not None for u in handle._embed)
+    assert 0 < st.bytes_read < st.bytes_h2d
     probe.remove()
     handle.remove()
     _assert_plain(model, ref_model)

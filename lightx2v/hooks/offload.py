@@ -7,23 +7,33 @@ offload code. Granularities (LightX2V's ``offload_granularity``):
 - ``model``: every DiT weight lives in page-locked host memory; ``handle.onload()`` copies the whole model to the
   device for the denoising loop and ``handle.offload()`` drops the device copies again (the host copy is kept, so
   offloading copies nothing back). A forward while offloaded onloads first (and stays onloaded).
-- ``block``: the non-block weights (``patch_embedding, text_embedding, time_embedding, time_projection, head,
-  img_emb``) stay on the device; each block's tensors (parameters and buffers of any dtype: bf16, float32 islands,
-  int8/fp8 weights with their ``weight_scale``) live in one flat page-locked host buffer per block. On the device
-  there are ``num_prefetch + 1`` *slots*: flat byte buffers as large as the largest unit, allocated once and
-  reused. The pre-hook of block i makes block i resident in a slot and points its parameters at views of the slot
+- ``block``: each block's tensors (parameters and buffers of any dtype: bf16, float32 islands, int8/fp8 weights with
+  their ``weight_scale``) live in one flat page-locked host buffer per block. On the device there are
+  ``num_prefetch + 1`` *slots*: flat byte buffers as large as the largest unit, allocated once and reused. The
+  pre-hook of block i makes block i resident in a slot and points its parameters at views of the slot
   (``param.data = slot_view``; the host views are put back when the block is done), then starts the copies of blocks
-  i+1 .. i+num_prefetch into the other slots. The order is cyclic: the hook of the last block prefetches block 0
-  for the next forward.
+  i+1 .. i+num_prefetch into the other slots. The order is cyclic: the hook of the last block prefetches the first
+  unit of the next forward.
+- The embeddings (``EMBEDDINGS``: ``patch_embedding, time_embedding, time_projection, text_embedding, img_emb``; used
+  only before block 0) are streamed the same way (``offload_embeddings``, default true): packed into at most
+  ``num_prefetch + 1`` units of at most a slot each, first in the cycle, all made resident by the model's forward
+  pre-hook and released when the first block unit starts (or at the end of the forward, if every block is skipped).
+  The last block's hook prefetches them, so they cost no device memory during the block loop and their copy
+  overlaps the last block; the first block's copy then overlaps only the (short) embedding work. Wan2.1-I2V-14B:
+  0.50 GiB, one unit with block slots, two with phase slots (the time projection alone fills a phase slot). A
+  module larger than a slot grows the slots when that costs less than keeping it (Wan2.1-T2V-14B phases: the time
+  projection is 11% larger than the FFN phase); what fits in no unit stays on the device. The ``head`` (used after
+  the blocks) stays on the device.
 - ``phase``: the same with a finer unit; a block has three phases: (a) ``self_attn`` (q, k, v, o, norm_q, norm_k),
   (b) ``norm3`` + ``cross_attn``, (c) ``ffn``. The block's ``modulation`` ([1, 6, dim] float32, 120 KiB per block
   for the 14B model, ~5 MiB for all 40) is read in the block's forward *before* ``self_attn`` is called, so it stays
-  resident on the device with the non-block weights; phase hooks sit on the phase modules themselves (phase (b) on
-  both ``norm3`` and ``cross_attn``: whichever runs first brings it in).
+  resident on the device with the head; phase hooks sit on the phase modules themselves (phase (b) on both
+  ``norm3`` and ``cross_attn``: whichever runs first brings it in).
 - ``lazy_load`` (with block/phase): the block weights are not kept in host memory at all. A background thread
   reads each unit's tensors from the checkpoint (``safetensors.safe_open``: memory-mapped, one tensor at a time)
   into a small pool of reusable page-locked buffers (``num_prefetch + 1`` units), and launches the host->device copy
-  into the slot. Host memory stays bounded by the pool (plus the OS page cache).
+  into the slot. Host memory stays bounded by the pool (plus the OS page cache) and the embeddings' page-locked
+  copy (0.5 GiB for 14B), which the main thread copies from (after any copy still queued for the same slot).
 
 Synchronisation (CUDA). Per slot two events:
 
@@ -56,8 +66,9 @@ Usage::
     handle.stats(); handle.remove()  # remove(): a plain model with every weight on the device, no hooks
 
 Weights are treated as read-only while offloaded: merge LoRAs (or quantize) before ``apply_offload`` or after
-``remove()``. Dynamic LoRA hooks and feature caching compose with it (they add their own hooks or replace
-``run_blocks``; a skipped block is simply never made resident).
+``remove()``. Between forwards the streamed embeddings are host tensors: call the model, not its pieces
+(``embed_time``, ``text_embedding``) on their own. Dynamic LoRA hooks and feature caching compose with it (they add
+their own hooks or replace ``run_blocks``; a skipped block is simply never made resident).
 """
 
 from __future__ import annotations
@@ -76,6 +87,9 @@ import torch.nn as nn
 from lightx2v.errors import CheckpointError, UserError
 
 GRANULARITIES = ("model", "block", "phase")
+# The non-block modules of a Wan DiT used only at the start of its forward, before block 0 (the head runs at the end
+# and stays on the device): with block/phase offload they are streamed through the slots like the blocks.
+EMBEDDINGS = ("patch_embedding", "time_embedding", "time_projection", "text_embedding", "img_emb")
 # Phases of a WanBlock: (name, submodules); the block's ``modulation`` is in no phase and stays resident.
 PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("self_attn", ("self_attn",)),
@@ -93,9 +107,12 @@ class OffloadConfig:
     offload_granularity: str = "block"  # "model" | "block" | "phase"
     lazy_load: bool = False  # block/phase: read the block weights from the checkpoint on disk as needed
     num_prefetch: int = 1  # units copied ahead of the running one; the device holds num_prefetch + 1 units
+    # block/phase: stream the embeddings used only at the start of a forward (patch/text/time embeddings, the time
+    # projection, the image projection) through the slots too, instead of keeping them on the device
+    offload_embeddings: bool = True
 
     def __post_init__(self):
-        for name in ("cpu_offload", "lazy_load"):
+        for name in ("cpu_offload", "lazy_load", "offload_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.offload_granularity not in GRANULARITIES:
@@ -126,6 +143,7 @@ class OffloadStats:
     peak_units_resident: int = 0  # most units (blocks / phases) in device slots at once, loading ones included
     peak_blocks_resident: int = 0  # most distinct blocks with weights in device slots at once
     slot_bytes: int = 0  # device bytes held by the slots (block / phase)
+    resident_bytes: int = 0  # block / phase: device bytes of the weights that never leave it (head, rest)
 
 
 # --- the tensors of a unit and their place in a flat buffer -----------------------------------------------------
@@ -404,13 +422,16 @@ class OffloadHandle:
 
     def stats(self) -> OffloadStats:
         return OffloadStats(self._bytes_h2d, self._copies, self._bytes_read, self._peak_units, self._peak_blocks,
-                            self._slot_bytes())
+                            self._slot_bytes(), self._resident_bytes())
 
     def reset_stats(self) -> None:
         self._bytes_h2d = self._copies = self._bytes_read = 0
         self._peak_units = self._peak_blocks = 0
 
     def _slot_bytes(self) -> int:
+        return 0
+
+    def _resident_bytes(self) -> int:
         return 0
 
     def remove(self) -> None:
@@ -506,9 +527,10 @@ class _ModelOffload(OffloadHandle):
 
 
 class _Unit:
-    """A block (or one phase of a block): its tensors, their layout in a flat buffer and where they are now."""
+    """A block (or one phase of a block), or a group of embeddings (``block`` None, kind ``"embeddings"``): its
+    tensors, their layout in a flat buffer and where they are now."""
 
-    def __init__(self, index: int, block: int, kind: str, entries: list[_Entry]):
+    def __init__(self, index: int, block: int | None, kind: str, entries: list[_Entry]):
         self.index, self.block, self.kind, self.entries = index, block, kind, entries
         self.layout, self.nbytes = _layout(entries)
         self.layout_id = 0  # equal for units of the same structure: they share their views of a slot
@@ -627,25 +649,37 @@ class _SlotOffload(OffloadHandle):
         self._cuda = device.type == "cuda"
         self._lazy = config.lazy_load
         self._source = _as_source(weights_source) if self._lazy else None
-        self._units, resident = self._make_units(model.blocks)
-        if not self._units:
+        units, resident = self._make_units(model.blocks)
+        if not units:
             raise UserError("offloading needs a model with at least one block")
+        self._slot_nbytes = max(u.nbytes for u in units)
+        embed: list[_Unit] = []
+        if config.offload_embeddings:
+            embed, self._slot_nbytes = self._embedding_units(model, self._slot_nbytes, config.num_prefetch + 1)
+        # The cycle of units: the embeddings (all resident together, from the start of the model's forward until the
+        # first block unit starts), then the block units; the last one prefetches the first ones.
+        self._units = embed + units
+        self._embed = tuple(embed)
         ids: dict[tuple[_Spec, ...], int] = {}
-        for u in self._units:
+        for i, u in enumerate(self._units):
+            u.index = i
             u.layout_id = ids.setdefault(u.layout, len(ids))
-        self._active: _Unit | None = None
+        self._active: tuple[_Unit, ...] = ()
         self._slots: list[_Slot] | None = None
         self._num_slots = min(config.num_prefetch + 1, len(self._units))
-        self._slot_nbytes = max(u.nbytes for u in self._units)
         # Streams: copies go on their own stream; compute runs on whatever stream is current at the hooks.
         self._copy_stream = torch.cuda.Stream(device=device) if self._cuda else None
         pin = self._cuda
 
         with torch.no_grad():
-            # Non-block weights (and, for phases, what no phase holds: the block modulation) live on the device.
+            # The other non-block weights (and, for phases, what no phase holds: the block modulation) live on the
+            # device.
+            streamed = {e.name for u in embed for e in u.entries}
+            self._resident_nbytes = 0
             for e in _entries(model):
-                if not e.name.startswith("blocks."):
+                if not e.name.startswith("blocks.") and e.name not in streamed:
                     e.set(e.get().to(device))
+                    self._resident_nbytes += e.get().numel() * e.get().element_size()
             for b, entries in resident.items():
                 tensors = self._source.read(b, [e.name for e in entries]) if self._lazy else {}
                 for e in entries:
@@ -654,8 +688,9 @@ class _SlotOffload(OffloadHandle):
                         raise CheckpointError(f"blocks.{b}.{e.name}: checkpoint {tuple(t.shape)} vs model "
                                               f"{tuple(e.get().shape)}")
                     e.set(t.to(device=device, dtype=e.get().dtype))
+                    self._resident_nbytes += t.numel() * e.get().element_size()
             for u in self._units:
-                if self._lazy:
+                if self._from_disk(u):
                     if isinstance(self._source, CheckpointBlocks):  # strict: every key and shape, before running
                         for s in u.layout:
                             shape = self._source.shape(f"blocks.{u.block}.{s.name}")
@@ -674,9 +709,11 @@ class _SlotOffload(OffloadHandle):
         self._loader = (_DiskLoader(self._source, device, self._copy_stream, self._num_slots, self._slot_nbytes, pin)
                         if self._lazy else None)
 
-        for u in self._units:
+        for u in units:
             for m in self._triggers(model.blocks[u.block], u.kind):
-                self._hooks.append(m.register_forward_pre_hook(lambda mod, args, u=u: self._activate(u)))
+                self._hooks.append(m.register_forward_pre_hook(lambda mod, args, u=u: self._activate((u,))))
+        if self._embed:
+            self._hooks.append(model.register_forward_pre_hook(lambda mod, args: self._activate(self._embed)))
         self._hooks.append(model.register_forward_hook(lambda mod, args, out: self._release_active()))
 
     # -- structure ------------------------------------------------------------------------------------------------
@@ -696,50 +733,87 @@ class _SlotOffload(OffloadHandle):
             resident[b] = [e for e in _entries(block) if e.name not in covered]
         return units, resident
 
+    @staticmethod
+    def _embedding_units(model: nn.Module, slot_nbytes: int, num_slots: int) -> tuple[list[_Unit], int]:
+        """Pack the embedding modules into at most ``num_slots`` units of at most a slot each (first fit, largest
+        first); returns the units and the slot size. A module larger than a slot grows the slots if that costs less
+        device memory than keeping it resident (Wan2.1-T2V-14B phases: the time projection is 11% larger than the
+        largest phase); the modules that fit nowhere stay on the device."""
+        sized = []
+        for name in EMBEDDINGS:
+            module = getattr(model, name, None)
+            if isinstance(module, nn.Module):
+                entries = _entries(module, prefix=name)
+                if entries:
+                    sized.append((_layout(entries)[1], name, entries))
+        if not sized:
+            return [], slot_nbytes
+        sized.sort(key=lambda t: -t[0])
+        largest = sized[0][0]
+        if largest > slot_nbytes and (largest - slot_nbytes) * num_slots < largest:
+            slot_nbytes = largest
+        bins: list[tuple[int, list[_Entry]]] = []
+        for nbytes, _, entries in sized:
+            for i, (used, group) in enumerate(bins):
+                if used + nbytes <= slot_nbytes:
+                    bins[i] = (used + nbytes, group + entries)
+                    break
+            else:
+                if nbytes <= slot_nbytes and len(bins) < num_slots:
+                    bins.append((nbytes, list(entries)))
+        return [_Unit(0, None, "embeddings", group) for _, group in bins], slot_nbytes
+
     def _triggers(self, block: nn.Module, kind: str) -> list[nn.Module]:
         if kind == "block":
             return [block]
         return [block.get_submodule(n) for n in dict(PHASES)[kind]]
 
+    def _from_disk(self, unit: _Unit) -> bool:
+        """lazy_load reads the block units from the checkpoint; the embeddings always have a host copy."""
+        return self._lazy and unit.block is not None
+
     # -- the hooks ------------------------------------------------------------------------------------------------
 
-    def _activate(self, unit: _Unit) -> None:
-        """Forward pre-hook of a unit: make it resident in a slot, point its tensors there, prefetch the next ones."""
-        if self._active is unit:
+    def _activate(self, units: tuple[_Unit, ...]) -> None:
+        """Forward pre-hook: make ``units`` (a block or phase unit, or all the embedding units, consecutive in the
+        cycle) resident in slots, point their tensors there, prefetch the units after them."""
+        if self._active == units:
             return
-        if self._active is not None:
-            self._deactivate(self._active)
+        self._release_active()
         self._ensure_slots()
-        window = self._window(unit)
-        for u in window:  # the unit itself first (if it was not prefetched), then the ones after it
+        window = self._window(units[0])  # the units themselves first (if not prefetched), then the ones after
+        for u in window:
             if u.slot is None:
                 self._load(u, keep=window)
         self._note_residency()
-        slot = unit.slot
-        ready = slot.copy.wait()  # lazy: blocks until the loader thread has read the weights and queued the copy
-        if ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(ready)  # compute waits for the copy (stream-side)
-        for e, v in zip(unit.entries, slot.views(unit)):
-            e.set(v)
-        self._active = unit
+        for unit in units:
+            slot = unit.slot
+            ready = slot.copy.wait()  # lazy: blocks until the loader thread has read the weights and queued the copy
+            if ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(ready)  # compute waits for the copy (stream-side)
+            for e, v in zip(unit.entries, slot.views(unit)):
+                e.set(v)
+        self._active = units
 
-    def _deactivate(self, unit: _Unit) -> None:
-        """The unit's kernels are all queued: point its tensors back at the host and mark its slot free after them."""
-        for e, v in zip(unit.entries, unit.host_views):
-            e.set(v)
+    def _release_active(self) -> None:
+        """The active units' kernels are all queued: point their tensors back at the host and mark their slots free
+        after them. Called by the next unit's pre-hook, and by the model's forward hook (the last unit; the first
+        units of the next forward were already prefetched by it)."""
+        if not self._active:
+            return
         if self._cuda:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
-            unit.slot.free = ev
-        self._active = None
-
-    def _release_active(self) -> None:
-        """Forward hook of the model: the last unit is done (block 0 was already prefetched by the last block)."""
-        if self._active is not None:
-            self._deactivate(self._active)
+        for unit in self._active:
+            for e, v in zip(unit.entries, unit.host_views):
+                e.set(v)
+            if self._cuda:
+                unit.slot.free = ev
+        self._active = ()
 
     def _window(self, unit: _Unit) -> list[_Unit]:
-        """The unit and the num_prefetch units after it, cyclically (the last block's successor is block 0)."""
+        """The unit and the num_prefetch units after it, cyclically (the last block's successor is the first unit:
+        the embeddings, or block 0)."""
         n = len(self._units)
         out: list[_Unit] = []
         for j in range(self._num_slots):
@@ -765,11 +839,15 @@ class _SlotOffload(OffloadHandle):
         """Bring ``unit`` into a slot whose unit is not in ``keep`` (there is one: len(keep) <= number of slots)."""
         slot = next((s for s in self._slots if s.unit is None), None)
         if slot is None:
-            slot = next(s for s in self._slots if s.unit not in keep and s.unit is not self._active)
+            slot = next(s for s in self._slots if s.unit not in keep and s.unit not in self._active)
             slot.unit.slot = None
+            if not self._from_disk(unit) and slot.copy is not None:
+                # lazy_load: the slot's unit may never have run (skipped blocks) and its copy may still wait in the
+                # loader's queue; ours must come after it on the copy stream (the loader's jobs keep their order).
+                slot.copy.done.wait()
         slot.unit, unit.slot = unit, slot
         n = unit.nbytes
-        if self._lazy:
+        if self._from_disk(unit):
             slot.copy = self._loader.submit(unit, slot)
             self._bytes_read += n
         else:
@@ -792,17 +870,20 @@ class _SlotOffload(OffloadHandle):
     def _note_residency(self) -> None:
         units = [s.unit for s in self._slots if s.unit is not None]
         self._peak_units = max(self._peak_units, len(units))
-        self._peak_blocks = max(self._peak_blocks, len({u.block for u in units}))
+        self._peak_blocks = max(self._peak_blocks, len({u.block for u in units if u.block is not None}))
 
     # -- public -------------------------------------------------------------------------------------------------
 
     def resident_blocks(self) -> list[int]:
         if self._slots is None:
             return []
-        return sorted({s.unit.block for s in self._slots if s.unit is not None})
+        return sorted({s.unit.block for s in self._slots if s.unit is not None and s.unit.block is not None})
 
     def _slot_bytes(self) -> int:
         return 0 if self._slots is None else self._slot_nbytes * len(self._slots)
+
+    def _resident_bytes(self) -> int:
+        return self._resident_nbytes
 
     def onload(self) -> None:
         self._check_live()
@@ -844,7 +925,7 @@ class _SlotOffload(OffloadHandle):
             self._copy_stream.synchronize()  # prefetches may still read the host buffers released below
         with torch.no_grad():
             for u in self._units:
-                if self._lazy:
+                if self._from_disk(u):
                     tensors = self._source.read(u.block, [s.name for s in u.layout])
                     values = [tensors[s.name] for s in u.layout]
                 else:
@@ -880,4 +961,4 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig, device: torch.device | s
 
 
 __all__ = ["OffloadConfig", "OffloadStats", "OffloadHandle", "CheckpointBlocks", "apply_offload",
-           "load_dit_without_blocks", "GRANULARITIES", "PHASES"]
+           "load_dit_without_blocks", "GRANULARITIES", "PHASES", "EMBEDDINGS"]

@@ -199,7 +199,8 @@ def gated_add_runs(x: torch.Tensor, y: torch.Tensor, runs, i_gate: int, chunk: i
 # --- attention ------------------------------------------------------------------------------------------------
 
 class SelfAttention(nn.Module):
-    chunk_tokens: int | None = None  # RoPE over token chunks (set by WanDiT)
+    chunk_tokens: int | None = None  # RoPE over token chunks; with head_group, v over token chunks (set by WanDiT)
+    head_group: int | None = None  # attention over groups of heads, outputs over q (WanDiT.set_attention_chunks)
 
     def __init__(self, dim: int, num_heads: int, eps: float, attn: AttentionBackend):
         super().__init__()
@@ -215,19 +216,26 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: "Rope", premodulate=None) -> torch.Tensor:
         """x: [B, L, C] -> [B, L, C]. ``premodulate(x)`` (the block's adaLN) is applied here, so that the modulated
         input can be dropped as soon as q, k and v exist (it is as large as x); q, k and v are dropped before the
-        output projection. Peak activation memory during attention: x, q, k, v and the attention output."""
+        output projection. Peak activation memory: x, the modulated input y, q, k and v; then x, q, k, v and the
+        attention output.
+
+        With ``head_group`` set (and ``chunk_tokens``), two of these [L, C] tensors never exist: v is computed over
+        token chunks into y's own storage (row block i of v reads only row block i of y, and q and k are done with
+        y), and attention runs over groups of ``head_group`` heads, each group's output written over that group's q
+        (nothing reads it again). Peak: x, q, k, v plus a chunk. Costs two [L, C] copies.
+        """
         y = x if premodulate is None else premodulate(x)
         heads = self.num_heads
+        # Writes into y and q only outside autograd, and into y only when it is a fresh tensor of our own.
+        lean = self.head_group is not None and y is not x and y.is_contiguous() and not torch.is_grad_enabled()
         if use_fused(y):  # q/k: RMSNorm and RoPE in one pass, in place
             q = fused.rms_norm_rope_(self.q(y).unflatten(-1, (heads, -1)), self.norm_q.weight, self.norm_q.eps,
                                      rope.cos, rope.sin)
             k = fused.rms_norm_rope_(self.k(y).unflatten(-1, (heads, -1)), self.norm_k.weight, self.norm_k.eps,
                                      rope.cos, rope.sin)
-            v = self.v(y).unflatten(-1, (heads, -1))
         else:
             q = self.norm_q(self.q(y)).unflatten(-1, (heads, -1))  # [B, L, H, D]
             k = self.norm_k(self.k(y)).unflatten(-1, (heads, -1))
-            v = self.v(y).unflatten(-1, (heads, -1))
             chunks = token_chunks(q.shape[1], self.chunk_tokens)
             if len(chunks) == 1:
                 q, k = apply_rope(q, rope.rot), apply_rope(k, rope.rot)
@@ -235,14 +243,36 @@ class SelfAttention(nn.Module):
                 for sl in chunks:
                     q[:, sl] = apply_rope(q[:, sl], rope.rot[sl])
                     k[:, sl] = apply_rope(k[:, sl], rope.rot[sl])
+        v = (self._v_over(y) if lean else self.v(y)).unflatten(-1, (heads, -1))
         del y
-        out = self.attn(q, k, v).flatten(2)
+        out = self._attention_over_q(q, k, v) if lean else self.attn(q, k, v)
         del q, k, v
-        return self.o(out)
+        return self.o(out.flatten(2))
+
+    def _v_over(self, y: torch.Tensor) -> torch.Tensor:
+        """v = self.v(y), written over y chunk by chunk of tokens (one chunk: a fresh tensor, nothing to save)."""
+        chunks = token_chunks(y.shape[1], self.chunk_tokens)
+        if len(chunks) == 1:
+            return self.v(y)
+        for sl in chunks:
+            y[:, sl] = self.v(y[:, sl])
+        return y
+
+    def _attention_over_q(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention per group of heads (heads are independent), each group's output copied over its q."""
+        heads, group = q.shape[2], self.head_group
+        if group >= heads:
+            return self.attn(q, k, v)
+        for h in range(0, heads, group):
+            hs = slice(h, min(h + group, heads))
+            q[:, :, hs] = self.attn(q[:, :, hs], k[:, :, hs], v[:, :, hs])
+        return q
 
 
 class CrossAttention(nn.Module):
     """Attention from the video tokens to the text tokens; for I2V also to the CLIP image tokens."""
+
+    chunk_tokens: int | None = 8192  # I2V: queries over token chunks (WanDiT.set_attention_chunks)
 
     def __init__(self, dim: int, num_heads: int, eps: float, attn: AttentionBackend, image_input: bool):
         super().__init__()
@@ -261,17 +291,30 @@ class CrossAttention(nn.Module):
         self.attn = attn
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None) -> torch.Tensor:
-        """x: [B, L, C]; context: [B, Lt, C] text tokens; context_img: [B, Li, C] image tokens (I2V) or None."""
+        """x: [B, L, C]; context: [B, Lt, C] text tokens; context_img: [B, Li, C] image tokens (I2V) or None.
+
+        I2V: each query's output depends only on that query, and a chunk of q is read only by its own chunk's two
+        attentions, so their sum is written over q chunk by chunk (``chunk_tokens``): besides x only q is ever
+        [L, C] (not q, the text output, the image output and their sum). q is dropped before the projection.
+        """
         heads = self.num_heads
         q = self.norm_q(self.q(x)).unflatten(-1, (heads, -1))
         k = self.norm_k(self.k(context)).unflatten(-1, (heads, -1))
         v = self.v(context).unflatten(-1, (heads, -1))
-        out = self.attn(q, k, v).flatten(2)
-        if self.image_input:
+        if not self.image_input:
+            out = self.attn(q, k, v)
+        else:
             k_img = self.norm_k_img(self.k_img(context_img)).unflatten(-1, (heads, -1))
             v_img = self.v_img(context_img).unflatten(-1, (heads, -1))
-            out = out + self.attn(q, k_img, v_img).flatten(2)
-        return self.o(out)
+            if torch.is_grad_enabled():  # autograd keeps q for the backward pass: no writes into it
+                out = self.attn(q, k, v) + self.attn(q, k_img, v_img)
+            else:
+                for sl in token_chunks(q.shape[1], self.chunk_tokens):
+                    qs = q[:, sl]
+                    torch.add(self.attn(qs, k, v), self.attn(qs, k_img, v_img), out=qs)
+                out = q
+        del q
+        return self.o(out.flatten(2))
 
 
 # --- the block ------------------------------------------------------------------------------------------------
@@ -396,6 +439,23 @@ class WanDiT(nn.Module):
         depend on it except through the FFN's matrix products, whose row blocks a GEMM may round differently."""
         for block in self.blocks:
             block.chunk_tokens = block.self_attn.chunk_tokens = chunk_tokens
+
+    def set_attention_chunks(self, query_tokens: int | None = 8192, head_group: int | None = None) -> None:
+        """Activation memory of the attention layers (the defaults are what a new model has).
+
+        ``query_tokens``: the I2V cross-attention runs over chunks of this many queries and writes its output over
+        q (None: whole sequences); 2 fewer [L, C] tensors at the cross-attention peak, no extra memory traffic.
+        ``head_group``: lean self-attention (None: off): attention over groups of this many heads, each group's
+        output written over its q, and v computed over token chunks (``set_chunk_tokens``) into the modulated
+        input's storage; 1 fewer [L, C] tensor at the self-attention peak, for two [L, C] copies per block.
+        The values differ from the plain paths only in how kernels block rows (GEMM rows of v, attention queries).
+        """
+        for name, n in (("query_tokens", query_tokens), ("head_group", head_group)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"{name}={n!r} must be a positive integer or None")
+        for block in self.blocks:
+            block.cross_attn.chunk_tokens = query_tokens
+            block.self_attn.head_group = head_group
 
     @staticmethod
     def is_float32_param(name: str) -> bool:

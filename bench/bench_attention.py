@@ -6,6 +6,7 @@ measured against exact float32 attention (softmax(q k^T / sqrt(D)) v, TF32 off) 
 inputs with DiT-like outliers (a few large q/k channels, a per-channel offset on k). Prints a markdown table.
 
     python bench/bench_attention.py                       # cuDNN, flash, sage_attn (+ TMA / prefetch variants)
+    python bench/bench_attention.py --variants tma,prefetch --configs "64,128,4,2;prefetch@128,128,8,3"  # no tuning
     python bench/bench_attention.py --variants default,fused_acc,no_magic,pv_fp16 --reuse-config
     python bench/bench_attention.py --seq 4096 --heads 8               # a smaller check
 
@@ -30,14 +31,25 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = {  # name -> sage_attention keyword arguments
-    "default": {},
-    "tma": {"use_tma": True},  # tiles loaded by TMA descriptors instead of cp.async pointers
-    "prefetch": {"prefetch": True},  # scores of tile j+1 issued before the softmax of tile j (MMA/exp2 overlap)
+    "default": {},  # sm_90+: TMA, no prefetch; older GPUs: prefetch, no TMA
+    "tma": {"use_tma": True, "prefetch": False},  # tiles loaded by TMA descriptors instead of cp.async pointers
+    "prefetch": {"prefetch": True, "use_tma": False},  # scores of tile j+1 issued before the softmax of tile j
     "prefetch_tma": {"prefetch": True, "use_tma": True},
+    "plain": {"prefetch": False, "use_tma": False},  # cp.async pointers, no prefetch
     "fused_acc": {"two_level": False},  # FP8 MMA accumulates straight into the running accumulator
     "no_magic": {"magic_i2f": False},  # INT32 scores converted with I2F
     "pv_fp16": {"pv_fp8": False},  # P.V in fp16 (tensor-core rate of bf16): the accuracy/speed reference point
 }
+
+
+def parse_configs(text):
+    """'BM,BN,W,S;variant@BM,BN,W,S' -> [(variant or None, dict(BLOCK_M, BLOCK_N, num_warps, num_stages))]."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(";"))):
+        name, _, item = item.rpartition("@")
+        bm, bn, w, st = (int(x) for x in item.split(","))
+        out.append((name or None, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)))
+    return out
 
 
 def outlier_qkv(B, L, H, D, dtype, seed, device="cuda"):
@@ -105,6 +117,9 @@ def main(argv=None):
                     help=f"sage_attn variants, the first is the reference for the split: {','.join(VARIANTS)}")
     ap.add_argument("--reuse-config", action="store_true", help="autotune only the first variant; run the others "
                     "with its config")
+    ap.add_argument("--configs", default="", help="fixed configs 'BM,BN,warps,stages;variant@BM,BN,warps,stages;...': "
+                    "every variant (or the one named) runs at each of them, no autotuning (quick sweeps)")
+    ap.add_argument("--no-split", action="store_true", help="skip the kernel-only / pre-processing rows")
     ap.add_argument("--no-sdpa", action="store_true", help="skip the PyTorch SDPA rows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results here")
@@ -167,7 +182,23 @@ def main(argv=None):
 
     best = None
     first = None
-    for name in [n.strip() for n in args.variants.split(",") if n.strip()]:
+    fixed = parse_configs(args.configs)
+    for name in [n.strip() for n in args.variants.split(",") if n.strip()] if fixed else []:
+        for only, cfg in fixed:
+            if only is not None and only != name:
+                continue
+            label = f"sage_attn [{name}] {cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
+            t0 = time.time()
+            try:
+                S.sage_attention(q, k, v, config=cfg, **VARIANTS[name])  # compiles
+                torch.cuda.synchronize()
+            except Exception as e:
+                results.append(dict(method=label, error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+                print(f"  {label}: {results[-1]['error']}", flush=True)
+                continue
+            record(label, lambda kw=VARIANTS[name], cfg=cfg: S.sage_attention(q, k, v, config=cfg, **kw),
+                   f"compiled in {time.time() - t0:.0f} s")
+    for name in [n.strip() for n in args.variants.split(",") if n.strip()] if not fixed else []:
         kw = dict(VARIANTS[name])
         label = "sage_attn" if name == "default" else f"sage_attn [{name}]"
         if best is None or not args.reuse_config:
@@ -188,9 +219,11 @@ def main(argv=None):
         else:
             record(label, lambda kw=kw, cfg=best: S.sage_attention(q, k, v, config=cfg, **kw), f"config {best}")
 
-    if best is not None:  # the split (first variant): pre-processing vs the attention kernel
+    if best is not None and not args.no_split:  # the split (first variant): pre-processing vs the attention kernel
         qz = S.sage_quantize(q, k, v, pv_dtype=torch.float16 if first.get("pv_fp8") is False else torch.float8_e4m3fn)
         kern_kw = {key: val for key, val in first.items() if key != "pv_fp8"}
+        kern_kw.setdefault("use_tma", S._has_tma(q))  # as sage_attention resolves its defaults (env aside)
+        kern_kw.setdefault("prefetch", not kern_kw["use_tma"])
         record("sage_attn (kernel only)",
                lambda: S.sage_attention_quantized(qz, out_dtype=dtype, config=best, **kern_kw), f"config {best} {first}")
         med, _, _ = time_cuda(lambda: S.sage_quantize(q, k, v), args.iters, args.warmup)

@@ -405,6 +405,8 @@ class TestSageGPU:
                         (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8), {"use_tma": True}),
                         (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8), {"prefetch": True}),
                         (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8), {"prefetch": True, "use_tma": True}),
+                        (dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2), {"prefetch": False, "use_tma": True}),
+                        (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3), {"prefetch": True, "use_tma": False}),
                         (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8), {"magic_i2f": False})]:
             o = S.sage_attention(q, k, v, config=cfg, **kw)
             r = S.sage_attention_reference(q, k, v, block_n=cfg["BLOCK_N"], magic_i2f=kw.get("magic_i2f", True))

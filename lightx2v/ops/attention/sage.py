@@ -42,7 +42,17 @@ The math (every step below is mirrored by :func:`sage_attention_reference`, in p
 * **Optional: scores one tile ahead** (``prefetch``): the int8 MMA of tile j+1 is issued before the softmax
   of tile j, so the tensor cores run while the warps do exp2 (FlashAttention-3's intra-warpgroup overlap,
   obtained by program order; in the sm_90 SASS the IGMMAs of the next tile interleave with the MUFU.EX2 of
-  the current one). Costs the registers of a second score tile.
+  the current one). Costs the registers of a second score tile (253-254 per thread: one or two programs per SM).
+* **Default on Hopper: TMA loads, no prefetch, overlap across programs.** Without the second score tile, a
+  64 x 128 tile with 4 warps needs 166 registers (ptxas, Triton 3.6, sm_90a) and 72 KB of shared memory at 2
+  stages, so three programs (12 warps) share an SM; their softmax and MMA phases drift apart and overlap (the
+  inter-warpgroup overlap of FlashAttention-3's ping-pong, left to the warp schedulers). H100, [1, 40, 32760, 128]
+  bf16, full call, two runs: 26.7 / 27.9 ms (1.37x / 1.34x cuDNN; the autotuner picks 64 x 128, 4 warps, 2 stages)
+  vs 28.6 / 28.4 ms (1.28x / 1.31x) for the best prefetch config; cos 0.99952 vs exact either way (same math). In
+  one tile the softmax is issue-bound (~9.4 instructions per score: scale FMA, max, ex2, row sum, e4m3 pack, the
+  A-operand shuffles, the accumulator FMA) about as much as MUFU-bound (ex2 at 16/clk/SM). Triton 3.6's
+  ``tl.range(warp_specialize=True)`` leaves this loop unspecialised on sm_90 (no ``ttg.warp_specialize`` in the
+  TTGIR), and ``ex2.approx.ftz.f32`` by inline PTX compiles to the same SASS as ``tl.math.exp2``.
 
 Kernels: one launch for K/V statistics (partial sums / max / min per chunk of tokens; a few tiny PyTorch
 reductions finish them), one that quantizes Q, one that smooths and quantizes K and V, and the attention
@@ -659,6 +669,13 @@ def sage_attention_quantized(qz: SageQuantized, *, out_dtype: torch.dtype = torc
     return out
 
 
+def _has_tma(t: torch.Tensor) -> bool:
+    """Hopper or newer (TMA): the default path there is TMA loads without prefetch (see ``sage_attention``)."""
+    if _interpreting() or not t.is_cuda:
+        return False
+    return torch.cuda.get_device_capability(t.device) >= (9, 0)
+
+
 @torch.compiler.disable  # Triton launches with autotuning and TMA descriptors: an opaque call under torch.compile
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: dict | None = None,
                    pv_fp8: bool = True, two_level: bool = True, magic_i2f: bool = True,
@@ -668,14 +685,18 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config:
 
     Knobs for benchmarking (defaults are the tested, accurate path): ``pv_fp8=False`` keeps P.V in fp16;
     ``two_level=False`` lets the FP8 MMA accumulate straight into the running accumulator; ``magic_i2f=False``
-    converts the INT32 scores with I2F; ``use_tma`` loads tiles through TMA descriptors (default: env
-    ``LIGHTX2V_SAGE_TMA=1``); ``prefetch`` issues the scores of the next tile before the softmax of this one
-    (default on, measured 1.29x vs 1.16x cuDNN on H100; ``LIGHTX2V_SAGE_PREFETCH=0`` turns it off); ``config`` fixes the tile configuration instead of
-    autotuning."""
+    converts the INT32 scores with I2F; ``use_tma`` loads tiles through TMA descriptors; ``prefetch`` issues the
+    scores of the next tile before the softmax of this one. Defaults: on sm_90+ TMA without prefetch (H100, [1, 40,
+    32760, 128]: 26.7-27.9 ms, 1.34-1.37x cuDNN, at 64x128 tiles with 4 warps: 166 registers, so three programs share
+    an SM and one's softmax overlaps another's MMAs), elsewhere prefetch without TMA (the previous default: 28.4-28.6
+    ms, 1.28-1.31x on H100); env ``LIGHTX2V_SAGE_TMA`` / ``LIGHTX2V_SAGE_PREFETCH`` (``0``/``1``) override them. ``config`` fixes the
+    tile configuration instead of autotuning."""
     if use_tma is None:
-        use_tma = os.environ.get("LIGHTX2V_SAGE_TMA", "0") == "1"
+        env = os.environ.get("LIGHTX2V_SAGE_TMA")
+        use_tma = env == "1" if env is not None else _has_tma(q)
     if prefetch is None:
-        prefetch = os.environ.get("LIGHTX2V_SAGE_PREFETCH", "1") == "1"
+        env = os.environ.get("LIGHTX2V_SAGE_PREFETCH")
+        prefetch = env == "1" if env is not None else not use_tma
     qz = sage_quantize(q, k, v, q_per_token=q_per_token,
                        pv_dtype=torch.float8_e4m3fn if pv_fp8 else torch.float16)
     return sage_attention_quantized(qz, out_dtype=q.dtype, config=config, two_level=two_level,

@@ -3,24 +3,17 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from lightx2v import LightX2VPipeline
 from lightx2v.convert import convert_checkpoint
 from lightx2v.io.image import adaptive_size, center_crop_to_aspect
-from tiny_reference import FLOW_SHIFT, build_diffusers_wan_i2v_pipeline
+from tiny_reference import FLOW_SHIFT, build_diffusers_wan_i2v_pipeline, picture
 
 pytest.importorskip("diffusers")
 
 H, W, F, STEPS = 32, 48, 9, 5
 PROMPT, NEG = "the cat turns its head", "blurry"
 
-
-def picture(w, h, seed):
-    g = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([xx / w, yy / h, 0.5 + 0.5 * np.sin(xx / 7.0 + seed)], -1) * 200
-    return Image.fromarray((base + g.integers(0, 55, (h, w, 3))).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from lightx2v import LightX2VPipeline
 from lightx2v.convert import convert_checkpoint
 from lightx2v.errors import UserError
 from tiny_reference import (FLOW_SHIFT, build_diffusers_wan22_moe_pipeline, build_diffusers_wan22_ti2v_pipeline,
-                            tiny_diffusers_dit)
+                            picture, tiny_diffusers_dit)
 
 pytest.importorskip("diffusers")
 
@@ -17,14 +17,6 @@ H, W, F, STEPS = 32, 48, 9, 6
 PROMPT, NEG = "a red cat jumps over the fence", "blurry"
 TOL = 5e-3
 
-
-def picture(w, h, seed):
-    from PIL import Image
-
-    g = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([xx / w, yy / h, 0.5 + 0.5 * np.sin(xx / 7.0 + seed)], -1) * 200
-    return Image.fromarray((base + g.integers(0, 55, (h, w, 3))).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,17 @@ from lightx2v.models.wan.encoders import build_tiny_tokenizer
 FLOW_SHIFT = 3.0
 
 
+def picture(w, h, seed):
+    """A deterministic RGB test picture (smooth gradients + noise) of w x h pixels."""
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx / w, yy / h, 0.5 + 0.5 * np.sin(xx / 7.0 + seed)], -1) * 200
+    return Image.fromarray((base + g.integers(0, 55, (h, w, 3))).astype(np.uint8))
+
+
 def randomise(module: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

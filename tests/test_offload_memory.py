@@ -71,7 +71,8 @@ def test_embeddings_leave_the_device_between_forwards(i2v_plain, granularity, nu
     streamed = {e.name for u in handle._embed for e in u.entries}
     assert streamed and all(u.block is None and u.kind == "embeddings" for u in handle._embed)
     assert handle._units[:len(handle._embed)] == list(handle._embed)  # the embeddings come first in the cycle
-    host_buffers = {storage(u.host.tensor) for u in handle._units}
+    host_tensors = [u.host.tensor for u in handle._units]  # kept alive: freed addresses could be reused below
+    host_buffers = {storage(t) for t in host_tensors}
 
     seen = {}  # where each embedding weight was while it was used, and where all of them were at block 0
 

@@ -48,7 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightx2v.errors import CheckpointError, UserError
-from lightx2v.ops.triton import lazy_jit
+from lightx2v.ops.triton.vae_rows import bias_norm_silu_rows as _bias_norm_silu_rows
+from lightx2v.ops.triton.vae_rows import bias_residual_rows_ as _bias_residual_rows_
 
 __all__ = [
     "WAN21_LATENTS_MEAN",
@@ -113,7 +114,6 @@ VIDEO_CHANNELS = 3
 CUDA_CHANNELS_LAST = True  # activations and conv weights channels-last (channels_last_3d) on CUDA
 CUDNN_AUTOTUNE = True  # torch.backends.cudnn.benchmark on during an encode/decode on CUDA (restored afterwards)
 FUSED_NORM = True  # channels-last residual blocks through the Triton passes below (norm+SiLU, bias+residual)
-FUSED_BLOCK = 4096  # elements per program of those passes (whole rows of C channels)
 
 
 # --- config ---------------------------------------------------------------------------------------------------------
@@ -581,92 +581,14 @@ def _cudnn_autotune(on: bool) -> Iterator[None]:
 
 # --- fused GPU passes -------------------------------------------------------------------------------------------------
 # Channels-last activations are [pixels, C] rows per sample. Two memory-bound steps of every residual block run as one
-# Triton pass each on CUDA (Triton is imported at the first launch only), with PyTorch fallbacks of the same math:
-#
-# * conv input = silu(norm(h + b)): the previous conv's bias b (PyTorch would add it in a separate, non-vectorised
-#   pass), the norm and SiLU, written straight into the causal conv's padded input buffer;
-# * block output = (h + b) + shortcut: the second conv's bias and the residual add.
-#
-# Rounding follows the unfused path: h + b is rounded to the activation dtype (as PyTorch's bias add does), the norm is
-# computed in float32 and rounded before SiLU.
-
-tl = None  # triton.language, bound by lazy_jit at the first launch
-
-
-@lazy_jit
-def _bias_norm_silu_kernel(X, BIAS, GAMMA, OUT, R, C, scale, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mask = (rows < R)[:, None] & cmask[None, :]
-    offs = rows[:, None] * C + cols[None, :]
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        b = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)
-        x = (x + b[None, :]).to(X.dtype.element_ty).to(tl.float32)
-    inv = 1.0 / tl.maximum(tl.sqrt_rn(tl.sum(x * x, axis=1)), 1e-12)  # F.normalize
-    g = tl.load(GAMMA + cols, mask=cmask, other=0.0).to(tl.float32) * scale
-    y = (x * inv[:, None] * g[None, :]).to(OUT.dtype.element_ty).to(tl.float32)
-    tl.store(OUT + offs, (y / (1.0 + tl.exp(-y))).to(OUT.dtype.element_ty), mask=mask)
-
-
-@lazy_jit
-def _bias_residual_kernel(H, BIAS, S, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mask = (rows < R)[:, None] & cmask[None, :]
-    offs = rows[:, None] * C + cols[None, :]
-    h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)
-    h = (h + b[None, :]).to(H.dtype.element_ty).to(tl.float32)
-    sc = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(H + offs, (h + sc).to(H.dtype.element_ty), mask=mask)
+# pass each on CUDA (lightx2v.ops.triton.vae_rows, with PyTorch fallbacks of the same math): the conv input
+# silu(norm(h + b)) written straight into the causal conv's padded input buffer, and the block output (h + b) + shortcut.
 
 
 def _pixel_rows(t: torch.Tensor) -> torch.Tensor | None:
     """One sample t [C, ...] as its [pixels, C] rows (a view), or None unless those rows are contiguous."""
     rows = t.movedim(0, -1)
     return rows.view(-1, t.shape[0]) if rows.is_contiguous() else None
-
-
-def _row_blocks(c: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C): whole rows of c channels, about FUSED_BLOCK elements per program."""
-    block_c = max(16, 1 << (c - 1).bit_length())
-    return max(1, FUSED_BLOCK // block_c), block_c
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    from lightx2v.ops import triton as kernels
-
-    return kernels.available() and (t.is_cuda or kernels.interpreting())
-
-
-def _bias_norm_silu_rows(x: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor, scale: float,
-                         out: torch.Tensor) -> None:
-    """out[r] = silu(normalize(x[r] + bias) * scale * gamma) for rows x, out [R, C] (contiguous); gamma, bias [C]."""
-    r, c = x.shape
-    if _use_triton(x):
-        block_r, block_c = _row_blocks(c)
-        _bias_norm_silu_kernel[(-(-r // block_r),)](x, x if bias is None else bias, gamma, out, r, c, scale,
-                                                    HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-                                                    num_warps=8)
-        return
-    if bias is not None:
-        x = x + bias
-    y = F.normalize(x.float(), dim=1) * (gamma.float() * scale)
-    out.copy_(F.silu(y.to(out.dtype)))
-
-
-def _bias_residual_rows_(h: torch.Tensor, bias: torch.Tensor, s: torch.Tensor) -> None:
-    """h[r] = (h[r] + bias) + s[r] in place, for rows h, s [R, C] (contiguous); bias [C]."""
-    r, c = h.shape
-    if _use_triton(h):
-        block_r, block_c = _row_blocks(c)
-        _bias_residual_kernel[(-(-r // block_r),)](h, bias, s, r, c, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
-        return
-    h.add_(bias).add_(s)
 
 
 def _use_fused(x: torch.Tensor) -> bool:

@@ -11,6 +11,8 @@ PyTorch fallback, which is exactly the math ``lightx2v.models.wan.dit`` does in 
     rope_(x, cos, sin)                         in place: pair (2i, 2i+1) rotated by angle i (float32 math)
     rms_norm_rope_(x, weight, eps, cos, sin)   in place: rms_norm over H*D, then rope_ per head (one pass)
 
+The Wan VAE's row passes (bias + norm + SiLU, bias + residual add on channels-last rows) are in ``vae_rows``.
+
 Triton is imported lazily (on the first kernel launch, or by :func:`available`), so importing this package costs
 nothing on machines without it. ``LIGHTX2V_DISABLE_TRITON=1`` makes :func:`available` false (fallbacks only).
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) a forced ``impl="triton"`` runs the kernels on CPU

@@ -247,6 +247,8 @@ def test_ti2v_t2v_matches_diffusers(ti2v, tmp_path):
     got, mine = ti2v_ours(model_dir, "t2v")
     assert got.shape == want.shape == (F, H, W5, 3)
     assert mine.config.sampling.fps == 24  # the Wan2.2 5B default
+    with pytest.raises(UserError, match="use model_cls 'wan2.2'"):  # the diffusers folder, under another class
+        LightX2VPipeline(model_path=model_dir, model_cls="wan2.1", task="t2v").create_generator(device="cpu")
     assert (got - want).abs().max().item() <= TOL
     assert (ti2v_ours(model_dir, "t2v", seed=8)[0] - want).abs().max().item() > 10 * TOL
     wan = convert_checkpoint(model_dir, tmp_path / "wan", layout="wan")
@@ -283,6 +285,9 @@ def test_tiny_ti2v_builtin(task, tmp_path):
     assert pipe.runner.encode.vae_spatial == 16 and pipe.config.sampling.fps == 24
     with pytest.raises(UserError, match="divisible by 32"):
         LightX2VPipeline(model_cls="wan2.2", task=task).create_generator(device="cpu", height=48, width=96)
+    with pytest.raises(UserError, match="use model_cls 'wan2.2'"):  # a TI2V-5B folder under another model class
+        LightX2VPipeline(model_path=pipe.model_path or pipe.runner.root, model_cls="wan2.1",
+                         task=task).create_generator(device="cpu")
 
 
 def test_a14b_lazy_load_and_expert_weight_files(moe_t2v, tmp_path):

@@ -326,6 +326,10 @@ class WanRunner:
         experts = _experts_for(self.root, self.layout, model_cls)
         dit_cfgs = [read_dit_config(self.root, self.layout, e) for e in experts]
         dit_cfg = dit_cfgs[0]
+        if model_cls != "wan2.2" and (dit_cfg.model_type == "ti2v" or (
+                self.layout == "wan" and (self.root / WAN22_VAE_FILE).is_file()
+                and not (self.root / WAN_VAE_FILE).is_file())):
+            raise UserError(f"{str(self.root)!r} is a Wan2.2 TI2V-5B checkpoint: use model_cls 'wan2.2'")
         if len({(c.in_dim, c.out_dim, c.has_image_input, c.text_dim) for c in dit_cfgs}) > 1:
             raise CheckpointError(f"the two experts of {self.root} differ in their inputs: {dit_cfgs}")
         image_mode = _check_task(task, dit_cfg, model_cls, self.root)
@@ -342,6 +346,8 @@ class WanRunner:
         # The VAE fixes the latent size: 16 (Wan2.1) or 48 channels (Wan2.2), 8x or 16x smaller than the pixels.
         vae_path = self.vae_path(model_cls)
         vae_cfg = _vae_config(vae_path)
+        if vae_cfg.z_dim == 48 and model_cls != "wan2.2":
+            raise UserError(f"{str(self.root)!r} has the Wan2.2 VAE (48 latent channels): use model_cls 'wan2.2'")
         if vae_cfg.z_dim != dit_cfg.out_dim:
             raise CheckpointError(f"the VAE's {vae_cfg.z_dim} latent channels ({vae_path.name}) do not fit the DiT's "
                                   f"{dit_cfg.out_dim} output channels")

@@ -268,7 +268,7 @@ def test_mag_calibration_records_ratios(model, inputs, baseline):
     hook = apply_feature_caching(model, cfg)
     # the block-stack residual of each call, observed independently of the hook
     residuals, ins = [], []
-    h0 = model.blocks[0].register_forward_pre_hook(lambda m, a: ins.append(a[0]))
+    h0 = model.blocks[0].register_forward_pre_hook(lambda m, a: ins.append(a[0].clone()))  # blocks update in place
     h1 = model.blocks[-1].register_forward_hook(lambda m, a, out: residuals.append(out - ins[-1]))
     try:
         got, _, _ = denoise(model, inputs, hook)

@@ -459,8 +459,10 @@ class TestGPU:
         (lean,), _ = self.peak(model, 1)
         rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
         assert rel(cross, plain) <= 1e-2 and rel(lean, plain) <= 1e-2
-        # The cross-attention peak: x, x + self-attn, its norm, q and a chunk's outputs, then o's output (6 [L, C]
-        # with the block's references) instead of q, the text and the image outputs at once (7). The model's peak
-        # then moves to the self-attention (also ~6 [L, C]): 1 [L, C] less for Wan-14B, at least half here.
+        # The chunked cross-attention holds q and a chunk's outputs instead of q, the text and the image outputs at
+        # once. Since the blocks update the token stream in place (no copies of the block's input beside it), the
+        # model's peak sits in the self-attention (H100, Wan-14B: self-attention 3.18 GiB, cross-attention 2.88 with
+        # block offload), so the chunking no longer lowers the model's peak; at this small size its chunk buffers may
+        # add a little (H100: +0.09 [L, C]), never a whole [L, C].
         unit = self.TOKENS * self.CFG.dim * 2
-        assert peak_plain - peak_cross >= 0.5 * unit
+        assert peak_cross <= peak_plain + 0.25 * unit

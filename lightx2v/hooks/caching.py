@@ -564,8 +564,9 @@ class TeaCacheHook(CacheHook):
         if not compute:
             return tokens + st.residual, True
         st.accumulated = 0.0
+        inp = tokens.clone()  # the blocks update the token stream in place
         out = self._inner_run_blocks(tokens, e, ctx, ctx_img, rope)
-        st.residual = out - tokens
+        st.residual = out - inp
         return out, False
 
 
@@ -615,8 +616,10 @@ class MagCacheHook(CacheHook):
             if st.accumulated_err < cfg.magcache_thresh and st.accumulated_steps <= cfg.magcache_K:
                 return tokens + st.residual, True
             st.accumulated_ratio, st.accumulated_steps, st.accumulated_err = 1.0, 0, 0.0
+        inp = tokens.clone()  # the blocks update the token stream in place
         out = self._inner_run_blocks(tokens, e, ctx, ctx_img, rope)
-        residual = out - tokens
+        residual = out - inp
+        del inp
         if cfg.magcache_calibration:
             if st.residual is None:
                 st.ratios.append(1.0)
@@ -654,9 +657,11 @@ class FirstBlockCacheHook(CacheHook):
     def _step(self, branch, st: _FirstBlockState, step, tokens, e, ctx, ctx_img, rope):
         # The block loop of WanDiT.run_blocks, split after block 0 (same calls, so a computed step is bit-identical).
         blocks = self.model.blocks
+        inp = tokens.clone()  # the blocks update the token stream in place
         h = blocks[0](tokens, e, ctx, ctx_img, rope)
         f = self.cfg.downsample_factor
-        r0 = h - tokens if f == 1 else (h - tokens)[..., ::f].contiguous()
+        r0 = h - inp if f == 1 else (h - inp)[..., ::f].contiguous()
+        del inp
         skip = False
         if st.prev_first_residual is not None and st.rest_residual is not None:
             # Compared with the previous step of the branch (LightX2V), computed or not.
@@ -664,10 +669,11 @@ class FirstBlockCacheHook(CacheHook):
         st.prev_first_residual = r0
         if skip:
             return h + st.rest_residual, True
+        h0 = h.clone()
         x = h
         for i in range(1, len(blocks)):
             x = blocks[i](x, e, ctx, ctx_img, rope)
-        st.rest_residual = x - h
+        st.rest_residual = x - h0
         return x, False
 
 

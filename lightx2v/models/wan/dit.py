@@ -125,14 +125,16 @@ def modulate(x: torch.Tensor, shift, scale, eps: float, chunk: int | None) -> to
     return out
 
 
-def gated_add(x: torch.Tensor, y: torch.Tensor, gate, chunk: int | None) -> torch.Tensor:
-    """x + y * gate in float32, result in x's dtype."""
+def gated_add(x: torch.Tensor, y: torch.Tensor, gate, chunk: int | None, out: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """x + y * gate in float32, result in x's dtype (into ``out``; ``out=x`` updates x in place)."""
     if use_fused(x):
-        return fused.gated_residual(x, y, gate)
+        return fused.gated_residual(x, y, gate, out=out)
     chunks = token_chunks(x.shape[1], chunk)
     if len(chunks) == 1:
-        return (x.float() + y.float() * gate).to(x.dtype)
-    out = torch.empty_like(x)
+        result = (x.float() + y.float() * gate).to(x.dtype)
+        return result if out is None else out.copy_(result)
+    out = torch.empty_like(x) if out is None else out
     for sl in chunks:
         out[:, sl] = x[:, sl].float() + y[:, sl].float() * gate
     return out
@@ -183,16 +185,14 @@ def modulate_runs(x: torch.Tensor, runs, i_shift: int, i_scale: int, eps: float,
     return out
 
 
-def gated_add_runs(x: torch.Tensor, y: torch.Tensor, runs, i_gate: int, chunk: int | None) -> torch.Tensor:
+def gated_add_runs(x: torch.Tensor, y: torch.Tensor, runs, i_gate: int, chunk: int | None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`gated_add` with the gate of each run of tokens."""
     if len(runs) == 1:
-        return gated_add(x, y, runs[0][1][i_gate], chunk)
-    out = torch.empty_like(x)
+        return gated_add(x, y, runs[0][1][i_gate], chunk, out)
+    out = torch.empty_like(x) if out is None else out
     for sl, m in runs:
-        if use_fused(x):
-            fused.gated_residual(x[:, sl], y[:, sl], m[i_gate], out=out[:, sl])
-        else:
-            out[:, sl] = gated_add(x[:, sl], y[:, sl], m[i_gate], chunk)
+        gated_add(x[:, sl], y[:, sl], m[i_gate], chunk, out[:, sl])
     return out
 
 
@@ -338,22 +338,22 @@ class WanBlock(nn.Module):
         # adaLN rows per run of tokens: shift, scale, gate (self-attention), c_shift, c_scale, c_gate (FFN)
         runs = modulation_runs(self.modulation, e)
         n, eps = self.chunk_tokens, self.eps
+        # Without autograd the residual stream x is updated in place (the same values as out of place): the
+        # block's input is not kept beside its output, so the caller's reference to it costs no memory. Callers
+        # that need the input afterwards (feature caching) keep a copy.
+        inplace = not torch.is_grad_enabled()
         y = self.self_attn(x, rope, lambda t: modulate_runs(t, runs, 0, 1, eps, n))
-        x = gated_add_runs(x, y, runs, 2, n)
+        x = gated_add_runs(x, y, runs, 2, n, out=x if inplace else None)
         del y
-        x = x + self.cross_attn(self.norm3(x), context, context_img)
-        pieces = [(sl, m) for run, m in runs for sl in _run_chunks(run, x.shape[1], n)]
-        if len(pieces) == 1:
-            m = pieces[0][1]
-            return gated_add(x, self.ffn(modulate(x, m[3], m[4], eps, None)), m[5], None)
-        out = torch.empty_like(x)
-        for sl, m in pieces:  # the FFN's hidden activation ([L, ffn_dim]) is the largest: never whole
-            xs = x[:, sl]
-            h = self.ffn(modulate(xs, m[3], m[4], eps, None))
-            if use_fused(xs):
-                fused.gated_residual(xs, h, m[5], out=out[:, sl])
-            else:
-                out[:, sl] = xs.float() + h.float() * m[5]
+        c = self.cross_attn(self.norm3(x), context, context_img)
+        x = x.add_(c) if inplace else x + c
+        del c
+        out = x if inplace else torch.empty_like(x)
+        for sl, m in [(sl, m) for run, m in runs for sl in _run_chunks(run, x.shape[1], n)]:
+            # the FFN's hidden activation ([L, ffn_dim]) is the largest: never whole
+            xs = x if sl == slice(None) else x[:, sl]
+            gated_add(xs, self.ffn(modulate(xs, m[3], m[4], eps, None)), m[5], None,
+                      out=out if sl == slice(None) else out[:, sl])
         return out
 
 

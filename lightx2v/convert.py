@@ -12,10 +12,10 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from lightx2v.errors import UserError
-from lightx2v.models.wan.checkpoint import (WAN22_VAE_FILE, WAN_DIT_WEIGHTS, WAN_VAE_FILE,
-                                            detect_layout, dit_experts, dit_folder, dit_key_from_diffusers,
+from lightx2v.models.wan.checkpoint import (WAN_DIT_WEIGHTS, detect_layout, dit_experts, dit_folder,
+                                            dit_key_from_diffusers,
                                             dit_key_to_diffusers, iter_safetensors, read_dit_config, read_json,
-                                            safetensors_files)
+                                            safetensors_files, vae_path)
 from lightx2v.models.wan.runner import check_model_files
 
 LAYOUTS = ("wan", "diffusers")
@@ -34,7 +34,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, layout: str, quantiz
     experts = dit_experts(src, src_layout)
     dit_cfg = read_dit_config(src, src_layout, experts[0])
     image_input = dit_cfg.has_image_input
-    vae_src = _vae_source(src, src_layout)
+    vae_src = vae_path(src, src_layout, wan22=dit_cfg.out_dim == 48)
     check_model_files(src, src_layout, image_input, experts, vae_src)
     if dst.exists() and any(dst.iterdir()):
         raise UserError(f"destination {str(dst)!r} exists and is not empty")
@@ -57,13 +57,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, layout: str, quantiz
             extras["expand_timesteps"] = True
         write_diffusers_extras(dst, image_input, pipeline=pipeline, two_experts=len(experts) > 1, **extras)
     return dst
-
-
-def _vae_source(src: Path, layout: str) -> Path:
-    if layout == "diffusers":
-        return src / "vae"
-    return src / WAN22_VAE_FILE if (src / WAN22_VAE_FILE).is_file() and not (src / WAN_VAE_FILE).is_file() \
-        else src / WAN_VAE_FILE
 
 
 def _boundary_ratio(src: Path, layout: str, dit_cfg) -> float:
@@ -128,8 +121,7 @@ def convert_vae(path: Path, dst: Path, layout: str) -> int:
     dtype = _stored_dtype(path)
     vae = load_wan_vae(path, dtype=dtype or torch.float32)
     z_dim = vae.config.z_dim
-    name = WAN22_VAE_FILE if z_dim == 48 else WAN_VAE_FILE
-    save_wan_vae(vae, dst / name if layout == "wan" else dst / "vae", layout=layout)
+    save_wan_vae(vae, dst / vae.config.checkpoint_file if layout == "wan" else dst / "vae", layout=layout)
     return z_dim
 
 

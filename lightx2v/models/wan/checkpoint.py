@@ -165,6 +165,25 @@ def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]
 # --- strict assignment into a meta-built module ---------------------------------------------------------------
 
 
+def key_problems(expected: dict, sd, show_key=None,
+                 mismatch: str = "{key} (checkpoint {got}, model {want})") -> list[str]:
+    """What keeps ``sd`` from loading strictly into a module whose state dict has ``expected`` (name -> shape):
+    missing, unexpected and mis-shaped keys, each as one line (empty when it fits). ``show_key`` renames keys for
+    the message (e.g. to the checkpoint's own naming); ``mismatch`` formats one shape mismatch."""
+    show = show_key or (lambda k: k)
+    mismatched = []
+    for k in sorted(expected.keys() & sd.keys()):
+        v = sd[k]
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        if got != tuple(expected[k]):
+            mismatched.append(mismatch.format(key=show(k), got=got, want=tuple(expected[k])))
+    groups = (("missing keys", [show(k) for k in sorted(expected.keys() - sd.keys())]),
+              ("unexpected keys", [show(k) for k in sorted(sd.keys() - expected.keys())]),
+              ("shape mismatches", mismatched))
+    return [f"{label}: {', '.join(dict.fromkeys(keys))}" for label, keys in groups if keys]
+
+
+
 def assign_strict(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *, what: str,
                   dtype_for=None, device="cpu") -> None:
     """Assign every tensor to the parameter/buffer of the same name; report all problems at once.
@@ -320,6 +339,17 @@ def dit_folder(model_dir: Path, layout: str, expert: str | None = None) -> Path:
     if expert is not None:
         return Path(model_dir) / EXPERT_FOLDERS[layout][expert]
     return Path(model_dir) / "transformer" if layout == "diffusers" else Path(model_dir)
+
+
+def vae_path(model_dir: Path, layout: str, wan22: bool = False) -> Path:
+    """The VAE of a model folder: diffusers' ``vae/``; in the original layout ``Wan2.2_VAE.pth`` (``wan22``) or
+    ``Wan2.1_VAE.pth``, or the other file when only that one is there (so that a wrong model class is reported by
+    what the VAE is, not as a missing file)."""
+    root = Path(model_dir)
+    if layout == "diffusers":
+        return root / "vae"
+    want, other = (WAN22_VAE_FILE, WAN_VAE_FILE) if wan22 else (WAN_VAE_FILE, WAN22_VAE_FILE)
+    return root / other if not (root / want).is_file() and (root / other).is_file() else root / want
 
 
 def dit_weight_names(model_dir: Path, layout: str, expert: str | None = None) -> list[str]:

@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 
 from lightx2v.errors import CheckpointError, UserError
+from lightx2v.models.wan.checkpoint import (check_present, key_problems, read_json, read_safetensors_dir,
+                                            torch_load_state_dict)
 
 __all__ = [
     "DIFFUSERS_IGNORED_KEYS",
@@ -485,21 +487,8 @@ def _build_and_load(
     actual = {_canonical(k): k for k in model.state_dict()}
     expected = {k: model.state_dict()[a] for k, a in actual.items()}
 
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(sd) if tuple(sd[k].shape) != tuple(expected[k].shape))
-    problems = []
-    if missing:
-        problems.append("missing keys: " + ", ".join(dict.fromkeys(show_key(k) for k in missing)))
-    if unexpected:
-        problems.append("unexpected keys: " + ", ".join(dict.fromkeys(show_key(k) for k in unexpected)))
-    if mismatched:
-        problems.append(
-            "shape mismatches: "
-            + ", ".join(
-                f"{show_key(k)} checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched
-            )
-        )
+    problems = key_problems({k: v.shape for k, v in expected.items()}, sd, show_key,
+                            mismatch="{key} checkpoint {got} vs model {want}")
     non_float = sorted(k for k in set(expected) & set(sd) if not sd[k].is_floating_point())
     if non_float:
         problems.append("non-float tensors: " + ", ".join(f"{show_key(k)} {sd[k].dtype}" for k in non_float))
@@ -520,16 +509,8 @@ def _build_and_load(
     return model
 
 
-def _read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
-    from lightx2v.models.wan.checkpoint import read_safetensors_dir
-
-    return read_safetensors_dir(folder, "image encoder")
-
-
 def _read_config(enc_dir: Path):
     from transformers import CLIPVisionConfig
-
-    from lightx2v.models.wan.checkpoint import read_json
 
     path = enc_dir / "config.json"
     raw = read_json(path, "image encoder config")
@@ -557,18 +538,6 @@ def _load_processor(proc_dir: Path, image_size: int):
     return processor
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    from lightx2v.models.wan.checkpoint import torch_load_state_dict
-
-    return torch_load_state_dict(path)
-
-
-def _check_present(items: Sequence[tuple[Path, str]]) -> None:
-    from lightx2v.models.wan.checkpoint import check_present
-
-    check_present(items)
-
-
 def load_image_encoder(
     model_dir: Path,
     layout: str,
@@ -590,8 +559,8 @@ def load_image_encoder(
         raise CheckpointError(f"model folder does not exist: {model_dir}")
     if layout == "wan":
         path = model_dir / WAN_CLIP_CHECKPOINT
-        _check_present([(path, "Wan CLIP checkpoint")])
-        wan_sd = _torch_load(path)
+        check_present([(path, "Wan CLIP checkpoint")])
+        wan_sd = torch_load_state_dict(path)
         config = infer_clip_vision_config(wan_sd)
         try:
             sd = clip_state_dict_from_wan(wan_sd)
@@ -605,7 +574,7 @@ def load_image_encoder(
         weights, weights_what = enc_dir / "model.safetensors", "image encoder weights (or model.safetensors.index.json)"
         if not weights.is_file() and (enc_dir / "model.safetensors.index.json").is_file():
             weights, weights_what = enc_dir / "model.safetensors.index.json", "image encoder weight index"
-        _check_present(
+        check_present(
             [
                 (enc_dir / "config.json", "image encoder config"),
                 (weights, weights_what),
@@ -613,7 +582,7 @@ def load_image_encoder(
             ]
         )
         config = _read_config(enc_dir)
-        raw = _canonical_state_dict(_read_safetensors_dir(enc_dir), str(enc_dir))
+        raw = _canonical_state_dict(read_safetensors_dir(enc_dir, "image encoder"), str(enc_dir))
         sd = {k: v for k, v in raw.items() if not _fullmatch_any(_DIFFUSERS_IGNORED, k)}
         model = _build_and_load(config, sd, device=device, dtype=dtype, what=str(enc_dir))
         processor = _load_processor(proc_dir, config.image_size)

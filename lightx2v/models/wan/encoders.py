@@ -40,6 +40,8 @@ except ImportError:  # pragma: no cover
     _ftfy = None
 
 from lightx2v.errors import CheckpointError, UserError
+from lightx2v.models.wan.checkpoint import (check_present, key_problems, read_json, read_safetensors_dir,
+                                            torch_load_state_dict)
 
 __all__ = [
     "DIFFUSERS_TEXT_ENCODER_DIR",
@@ -331,21 +333,8 @@ def _build_and_load(
     expected = {k: v for k, v in model.state_dict().items() if k != _TIED_KEY}
     sd = _fold_tied_embedding(sd, what)
 
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(sd) if tuple(sd[k].shape) != tuple(expected[k].shape))
-    problems = []
-    if missing:
-        problems.append("missing keys: " + ", ".join(show_key(k) for k in missing))
-    if unexpected:
-        problems.append("unexpected keys: " + ", ".join(show_key(k) for k in unexpected))
-    if mismatched:
-        problems.append(
-            "shape mismatches: "
-            + ", ".join(
-                f"{show_key(k)} checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched
-            )
-        )
+    problems = key_problems({k: v.shape for k, v in expected.items()}, sd, show_key,
+                            mismatch="{key} checkpoint {got} vs model {want}")
     if problems:
         raise CheckpointError(f"{what}: " + "; ".join(problems))
 
@@ -386,16 +375,8 @@ def _load_tokenizer(tok_dir: Path, vocab_size: int):
     return tokenizer
 
 
-def _read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
-    from lightx2v.models.wan.checkpoint import read_safetensors_dir
-
-    return read_safetensors_dir(folder, "text encoder")
-
-
 def _read_config(te_dir: Path):
     from transformers import UMT5Config
-
-    from lightx2v.models.wan.checkpoint import read_json
 
     path = te_dir / "config.json"
     raw = read_json(path, "text encoder config")
@@ -405,18 +386,6 @@ def _read_config(te_dir: Path):
         return UMT5Config.from_dict(raw)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: not a valid UMT5 config: {e}") from e
-
-
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    from lightx2v.models.wan.checkpoint import torch_load_state_dict
-
-    return torch_load_state_dict(path)
-
-
-def _check_present(items: Sequence[tuple[Path, str]]) -> None:
-    from lightx2v.models.wan.checkpoint import check_present
-
-    check_present(items)
 
 
 def load_text_encoder(
@@ -435,8 +404,8 @@ def load_text_encoder(
     if layout == "wan":
         path = model_dir / WAN_T5_CHECKPOINT
         tok_dir = model_dir / WAN_T5_TOKENIZER_DIR
-        _check_present([(path, "Wan text encoder checkpoint"), (tok_dir, "tokenizer folder")])
-        wan_sd = _torch_load(path)
+        check_present([(path, "Wan text encoder checkpoint"), (tok_dir, "tokenizer folder")])
+        wan_sd = torch_load_state_dict(path)
         config = infer_umt5_config(wan_sd)
         sd = _rename(wan_sd, _WAN_TO_HF, str(path))
         model = _build_and_load(config, sd, device=device, dtype=dtype, what=str(path), show_key=_hf_key_to_wan)
@@ -446,11 +415,11 @@ def load_text_encoder(
         weights, weights_what = te_dir / "model.safetensors", "text encoder weights (or model.safetensors.index.json)"
         if not weights.is_file() and (te_dir / "model.safetensors.index.json").is_file():
             weights, weights_what = te_dir / "model.safetensors.index.json", "text encoder weight index"
-        _check_present(
+        check_present(
             [(te_dir / "config.json", "text encoder config"), (weights, weights_what), (tok_dir, "tokenizer folder")]
         )
         config = _read_config(te_dir)
-        sd = _read_safetensors_dir(te_dir)
+        sd = read_safetensors_dir(te_dir, "text encoder")
         model = _build_and_load(config, sd, device=device, dtype=dtype, what=str(te_dir))
     tokenizer = _load_tokenizer(tok_dir, model.config.vocab_size)
     return WanTextEncoder(tokenizer, model)

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from lightx2v.config import GeneratorConfig, SamplingConfig
 from lightx2v.errors import CheckpointError, UserError
-from lightx2v.models.wan.checkpoint import (EXPERT_FOLDERS, WAN22_VAE_FILE, WAN_T5_FILE, WAN_TOKENIZER_DIR,
-                                            WAN_VAE_FILE, detect_layout, dit_experts, dit_folder, load_dit,
-                                            read_dit_config, safetensors_files)
+from lightx2v.models.wan.checkpoint import (EXPERT_FOLDERS, WAN_T5_FILE, WAN_TOKENIZER_DIR, WAN_VAE_FILE,
+                                            detect_layout, dit_experts, dit_folder, load_dit, read_dit_config,
+                                            safetensors_files, vae_path)
 from lightx2v.ops.attention import get_attention_backend
 from lightx2v.schedulers import make_scheduler
 from lightx2v.stages import Frames, ImageCond, Latents, TextEmbeds
@@ -46,11 +46,11 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
 
 
 def check_model_files(root: Path, layout: str, image_input: bool = False, experts=(None,),
-                      vae_path: Path | None = None) -> None:
+                      vae_file: Path | None = None) -> None:
     """Fail early, naming the first missing file or folder of the checkpoint. ``image_input``: CLIP files too."""
     dit_configs = [str(dit_folder(root, layout, e).relative_to(root) / "config.json") for e in experts]
     if layout == "wan":
-        vae = (vae_path or root / WAN_VAE_FILE).relative_to(root)
+        vae = (vae_file or root / WAN_VAE_FILE).relative_to(root)
         names = dit_configs + [str(vae), WAN_T5_FILE, WAN_TOKENIZER_DIR] + ([WAN_CLIP_FILE] if image_input else [])
     else:
         names = dit_configs + ["vae/config.json", "text_encoder/config.json", "tokenizer"]
@@ -319,23 +319,22 @@ class DecodeStage:
 class WanRunner:
     def __init__(self, model_path: Path, task: str, cfg: GeneratorConfig, model_cls: str = "wan2.1"):
         from lightx2v.models.wan.encoders import load_text_encoder
-        from lightx2v.models.wan.vae import load_wan_vae
+        from lightx2v.models.wan.vae import load_wan_vae, read_vae_config
 
         self.root, self.task, self.cfg, self.model_cls = Path(model_path), task, cfg, model_cls
         self.layout = detect_layout(self.root)
         experts = _experts_for(self.root, self.layout, model_cls)
         dit_cfgs = [read_dit_config(self.root, self.layout, e) for e in experts]
         dit_cfg = dit_cfgs[0]
-        if model_cls != "wan2.2" and (dit_cfg.model_type == "ti2v" or (
-                self.layout == "wan" and (self.root / WAN22_VAE_FILE).is_file()
-                and not (self.root / WAN_VAE_FILE).is_file())):
+        if model_cls != "wan2.2" and dit_cfg.model_type == "ti2v":
             raise UserError(f"{str(self.root)!r} is a Wan2.2 TI2V-5B checkpoint: use model_cls 'wan2.2'")
         if len({(c.in_dim, c.out_dim, c.has_image_input, c.text_dim) for c in dit_cfgs}) > 1:
             raise CheckpointError(f"the two experts of {self.root} differ in their inputs: {dit_cfgs}")
         image_mode = _check_task(task, dit_cfg, model_cls, self.root)
         image_input = task in ("i2v", "flf2v")
         clip_input = image_input and dit_cfg.has_image_input
-        check_model_files(self.root, self.layout, clip_input, experts, self.vae_path(model_cls))
+        vae_file = vae_path(self.root, self.layout, wan22=model_cls == "wan2.2")
+        check_model_files(self.root, self.layout, clip_input, experts, vae_file)
         self.device, self.dtype = resolve_device_dtype(cfg.runtime.device, cfg.runtime.dtype)
         dev, dt = self.device, self.dtype
         ck = cfg.checkpoint
@@ -344,12 +343,11 @@ class WanRunner:
                             f"{'takes' if dit_cfg.has_image_input else 'takes no'} CLIP image tokens")
 
         # The VAE fixes the latent size: 16 (Wan2.1) or 48 channels (Wan2.2), 8x or 16x smaller than the pixels.
-        vae_path = self.vae_path(model_cls)
-        vae_cfg = _vae_config(vae_path)
+        vae_cfg = read_vae_config(vae_file)
         if vae_cfg.z_dim == 48 and model_cls != "wan2.2":
             raise UserError(f"{str(self.root)!r} has the Wan2.2 VAE (48 latent channels): use model_cls 'wan2.2'")
         if vae_cfg.z_dim != dit_cfg.out_dim:
-            raise CheckpointError(f"the VAE's {vae_cfg.z_dim} latent channels ({vae_path.name}) do not fit the DiT's "
+            raise CheckpointError(f"the VAE's {vae_cfg.z_dim} latent channels ({vae_file.name}) do not fit the DiT's "
                                   f"{dit_cfg.out_dim} output channels")
         stride = (VAE_TEMPORAL, vae_cfg.spatial_factor, vae_cfg.spatial_factor)
         if ck.vae_stride is not None and ck.vae_stride != stride:
@@ -365,7 +363,7 @@ class WanRunner:
         policy = lambda offload: "unload" if rt.unload_modules else ("cpu" if offload else "resident")  # noqa: E731
         text_slot = ComponentSlot(lambda d: load_text_encoder(self.root, self.layout, device=d, dtype=dt), dev,
                                   policy(rt.t5_cpu_offload))
-        vae_slot = ComponentSlot(lambda d: load_wan_vae(vae_path, device=d, dtype=dt), dev, policy(rt.vae_cpu_offload))
+        vae_slot = ComponentSlot(lambda d: load_wan_vae(vae_file, device=d, dtype=dt), dev, policy(rt.vae_cpu_offload))
         image_slot = None
         if clip_input:
             from lightx2v.models.wan.clip import load_image_encoder
@@ -421,11 +419,6 @@ class WanRunner:
         self.denoise = DenoiseStage(device=dev, cfg_batch=cfg_batch and not off.cpu_offload, experts=stage_experts,
                                     vae_spatial=vae_cfg.spatial_factor)
         self.decode = DecodeStage(vae_slot, dev, tiling)
-
-    def vae_path(self, model_cls: str) -> Path:
-        if self.layout == "diffusers":
-            return self.root / "vae"
-        return self.root / (WAN22_VAE_FILE if model_cls == "wan2.2" else WAN_VAE_FILE)
 
     def _load_dit(self, expert: str | None, weights_file: str | None, attn):
         from lightx2v.ops.quant import resolve_scheme
@@ -526,16 +519,6 @@ def _check_task(task: str, dit_cfg, model_cls: str, root: Path) -> str:
                         f"(model_type {model_type!r}, {dit_cfg.in_dim} input channels); use another task or "
                         "checkpoint")
     return "concat"
-
-
-def _vae_config(path: Path):
-    """The VAE's sizes, read without building it (diffusers config.json, or the tensor shapes of the .pth)."""
-    from lightx2v.models.wan.checkpoint import read_json, torch_load_state_dict
-    from lightx2v.models.wan.vae import WanVAEConfig
-
-    if path.is_dir():
-        return WanVAEConfig.from_diffusers_config(read_json(path / "config.json", "VAE config"))
-    return WanVAEConfig.from_state_dict(torch_load_state_dict(path))
 
 
 def _check_expert_settings(s: SamplingConfig, n_experts: int) -> None:

@@ -48,6 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightx2v.errors import CheckpointError, UserError
+from lightx2v.models.wan.checkpoint import (WAN22_VAE_FILE, WAN_VAE_FILE, key_problems, read_json, read_safetensors_dir,
+                                            require_file, torch_load_state_dict)
 from lightx2v.ops.triton.vae_rows import bias_norm_silu_rows as _bias_norm_silu_rows
 from lightx2v.ops.triton.vae_rows import bias_residual_rows_ as _bias_residual_rows_
 
@@ -69,8 +71,6 @@ __all__ = [
     "save_wan_vae",
 ]
 
-WAN_VAE_FILE = "Wan2.1_VAE.pth"
-WAN22_VAE_FILE = "Wan2.2_VAE.pth"
 DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -1278,37 +1278,43 @@ def vae_state_dict_from_diffusers(sd: Mapping[str, torch.Tensor], cfg: WanVAECon
 # --- loading and saving -----------------------------------------------------------------------------------------------
 
 
-def _require(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise CheckpointError(f"missing {what}: {path}")
-    return path
-
-
 def _read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a diffusers ``vae/`` folder, single-file or sharded (with the ``.index.json``)."""
-    from lightx2v.models.wan.checkpoint import read_safetensors_dir
-
     return read_safetensors_dir(folder, "VAE", stem=DIFFUSERS_WEIGHTS.removesuffix(".safetensors"))
 
 
 def _check_and_assign(vae: WanVAE, sd: Mapping[str, Any], source: Path, device, dtype: torch.dtype) -> WanVAE:
     expected = {k: v.shape for k, v in vae.state_dict().items()}
-    missing = sorted(expected.keys() - sd.keys())
-    unexpected = sorted(sd.keys() - expected.keys())
-    mismatched = []
-    for k in sorted(expected.keys() & sd.keys()):
-        v = sd[k]
-        if not isinstance(v, torch.Tensor) or v.shape != expected[k]:
-            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            mismatched.append(f"{k} (checkpoint {got}, model {tuple(expected[k])})")
-    if missing or unexpected or mismatched:
-        parts = [f"{label}: {', '.join(keys)}" for label, keys in (
-            ("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
-        raise CheckpointError(f"VAE checkpoint {source} does not fit {vae.config}: " + "; ".join(parts))
+    problems = key_problems(expected, sd)
+    if problems:
+        raise CheckpointError(f"VAE checkpoint {source} does not fit {vae.config}: " + "; ".join(problems))
     tensors = {k: sd[k].to(device=device, dtype=dtype) for k in expected}
     result = vae.load_state_dict(tensors, strict=False, assign=True)
     assert not result.missing_keys and not result.unexpected_keys
     return vae.eval().requires_grad_(False)
+
+
+def _resolve_vae_path(path: str | Path) -> Path:
+    """A folder holding ``Wan2.1_VAE.pth`` or ``Wan2.2_VAE.pth`` -> that file; anything else as given."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in (WAN_VAE_FILE, WAN22_VAE_FILE) if (path / name).is_file()]
+        if len(found) > 1:
+            raise UserError(f"{path} holds both {WAN_VAE_FILE} and {WAN22_VAE_FILE}: name the file to load")
+        path = found[0] if found else path
+    return path
+
+
+def read_vae_config(path: str | Path) -> WanVAEConfig:
+    """The VAE's architecture without building it: the diffusers folder's config.json, or the tensor shapes of an
+    original ``.pth`` (memory-mapped; no weights are read)."""
+    path = _resolve_vae_path(path)
+    if path.is_dir():
+        return WanVAEConfig.from_diffusers_config(read_json(path / DIFFUSERS_CONFIG, "VAE config"))
+    try:
+        return WanVAEConfig.from_state_dict(torch_load_state_dict(require_file(path, "VAE checkpoint")))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
 
 
 def load_wan_vae(
@@ -1324,27 +1330,14 @@ def load_wan_vae(
     diffusers ``vae/`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, possibly sharded;
     ``config``, if given, must equal the folder's). Raises CheckpointError naming missing files, and every missing,
     unexpected or mis-shaped tensor."""
-    path = Path(path)
+    path = _resolve_vae_path(path)
     if path.is_dir():
-        found = [path / name for name in (WAN_VAE_FILE, WAN22_VAE_FILE) if (path / name).is_file()]
-        if len(found) > 1:
-            raise UserError(f"{path} holds both {WAN_VAE_FILE} and {WAN22_VAE_FILE}: name the file to load")
-        path = found[0] if found else path
-    if path.is_dir():
-        from lightx2v.models.wan.checkpoint import read_json
-
         cfg = WanVAEConfig.from_diffusers_config(read_json(path / DIFFUSERS_CONFIG, "VAE config"))
         if config is not None and config != cfg:
             raise UserError(f"config {config} differs from {path / DIFFUSERS_CONFIG}: {cfg}")
         sd = vae_state_dict_from_diffusers(_read_diffusers_weights(path), cfg)
     else:
-        _require(path, "VAE checkpoint")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # not a torch zip file, or holds objects other than tensors
-            raise CheckpointError(f"cannot read VAE checkpoint {path}: {e}") from e
-        if not isinstance(sd, Mapping):
-            raise CheckpointError(f"VAE checkpoint {path} holds a {type(sd).__name__}, not a state dict")
+        sd = torch_load_state_dict(require_file(path, "VAE checkpoint"))
         if config is not None:
             cfg = config
         else:

@@ -529,7 +529,8 @@ class WanDiT(nn.Module):
         if t.shape != (b, f):
             raise ValueError(f"timesteps of shape {tuple(t.shape)}: expected [{b}], [{b}, {f}] (per latent frame) "
                              f"or [{b}, {f * per_frame}] (per token)")
-        change = [0] + [i for i in range(1, f) if not torch.equal(t[:, i], t[:, i - 1])] + [f]
+        # frames where the timestep changes (for any sample): one device->host transfer, not one per frame
+        change = [0] + (t[:, 1:] != t[:, :-1]).any(dim=0).nonzero().flatten().add(1).tolist() + [f]
         if len(change) == 2:
             return self.embed_time(t[:, 0])
         starts = torch.tensor(change[:-1], device=t.device)

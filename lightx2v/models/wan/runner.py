@@ -222,14 +222,14 @@ class DenoiseStage:
         sched.set_timesteps(s.infer_steps, device=self.device)
         return sched
 
-    def expert_for(self, i: int, t: torch.Tensor, s: SamplingConfig) -> Expert:
+    def expert_for(self, i: int, t: float, s: SamplingConfig) -> Expert:
         """The expert of step ``i`` at timestep ``t`` (diffusers' rule: high while t >= boundary * 1000)."""
         if len(self.experts) == 1:
             return self.experts[0]
         if s.boundary_step_index is not None:
             high = i < s.boundary_step_index
         else:
-            high = t.item() >= s.boundary * 1000
+            high = t >= s.boundary * 1000
         return self.experts[0 if high else 1]
 
     def velocity(self, x, t, text: TextEmbeds, image: ImageCond | None, s: SamplingConfig,
@@ -276,9 +276,10 @@ class DenoiseStage:
         switch_after = set(s.changing_resolution_steps or ()) if s.changing_resolution else set()
         with contextlib.ExitStack() as resident:
             active = None
+            host_timesteps = scheduler.timesteps.tolist()  # expert choice without a device sync per step
             for i in tqdm(range(s.infer_steps), desc="denoise", disable=not progress, leave=False):
                 t = scheduler.timesteps[i].reshape(1)
-                expert = self.expert_for(i, t, s)
+                expert = self.expert_for(i, host_timesteps[i], s)
                 if expert is not active:  # weights (or their slots) on the GPU only while the expert is in use
                     resident.close()
                     if expert.offload is not None:
@@ -297,6 +298,7 @@ class DenoiseStage:
                 latents = (1 - sigma) * x0 + sigma * noises[stage].to(self.device)
                 scheduler = self._scheduler(s, s.sample_shift + stage, g)
                 scheduler.restart_at(i + 1)
+                host_timesteps = scheduler.timesteps.tolist()
         if images and images[-1].mode == "first_frame":  # the conditioning frame is the image's latents
             latents = torch.cat([images[-1].latent_cond.to(latents.dtype), latents[:, :, 1:]], dim=2)
         return Latents(latents=latents)

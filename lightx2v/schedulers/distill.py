@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from lightx2v.errors import UserError
+from lightx2v.schedulers.euler import _next_step_index, check_scheduler_args, shift_sigmas
 
 
 def check_step_list(steps, num_train_timesteps: int = 1000) -> tuple[int, ...]:
@@ -30,10 +31,8 @@ def check_step_list(steps, num_train_timesteps: int = 1000) -> tuple[int, ...]:
 class StepDistillScheduler:
     def __init__(self, denoising_step_list, shift: float = 5.0, num_train_timesteps: int = 1000,
                  generator: torch.Generator | None = None):
-        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
-            raise UserError(f"sample_shift={shift!r} must be a number > 0")
+        self.shift, self.num_train_timesteps = check_scheduler_args(shift, num_train_timesteps)
         self.step_list = check_step_list(denoising_step_list, num_train_timesteps)
-        self.shift, self.num_train_timesteps = float(shift), num_train_timesteps
         self.generator = generator
         self.num_inference_steps = len(self.step_list)
         self.timesteps = torch.empty(0)
@@ -47,7 +46,7 @@ class StepDistillScheduler:
                             f"{list(self.step_list)} ({n} steps)")
         big_n = self.num_train_timesteps
         full = torch.linspace(1.0, 0.0, big_n + 1)[:-1]  # float32, as the reference computes it
-        full = self.shift * full / (1 + (self.shift - 1) * full)
+        full = shift_sigmas(full, self.shift)
         index = [big_n - s for s in self.step_list]
         self.sigmas = torch.cat([full[index], full.new_zeros(1)])  # CPU; the final 0 marks the clean end
         self.timesteps = (full * big_n)[index].to(device)
@@ -64,9 +63,9 @@ class StepDistillScheduler:
         self._step = step_index
 
     def step(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        i = self._step
-        if not self.sigmas.numel() or i >= self.num_inference_steps:
-            raise RuntimeError("StepDistillScheduler.step() called before set_timesteps() or past the last step")
+        if not self.sigmas.numel():
+            raise RuntimeError("StepDistillScheduler.step() called before set_timesteps()")
+        i = _next_step_index(self)
         x0 = sample.float() - self.sigmas[i].item() * model_output.float()
         if i < self.num_inference_steps - 1:
             s_next = self.sigmas[i + 1].item()

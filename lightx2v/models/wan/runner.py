@@ -197,8 +197,6 @@ class DenoiseStage:
         self.experts = experts if experts is not None else [Expert(dit, offload, cache)]
         self.dit = self.experts[0].dit
         self.device, self.vae_spatial = device, vae_spatial
-        self.cache = self.experts[0].cache if len(self.experts) == 1 else None
-        self.offload = self.experts[0].offload if len(self.experts) == 1 else None
         # caching keeps per-branch state: one branch per forward
         self.cfg_batch = cfg_batch and all(e.cache is None for e in self.experts)
 
@@ -450,8 +448,9 @@ class WanRunner:
                 conds, s = self.encode.image(images, s, sizes=self.denoise.stage_pixel_sizes)
         with self._stage("denoise", timings, memory):
             latents = self.denoise(text, conds, seed, s, progress=progress)
-        if self.denoise.cache is not None:
-            stats = self.denoise.cache.stats()
+        cache = self.denoise.experts[0].cache  # feature caching runs with one expert only
+        if cache is not None:
+            stats = cache.stats()
             skipped = sum(b["skipped"] for b in stats.values())
             total = skipped + sum(b["computed"] for b in stats.values())
             log.info("feature caching (%s): skipped %d of %d block-stack evaluations", self.cfg.cache.method,

@@ -17,6 +17,7 @@ from lightx2v.models.wan.vae import (
     vae_state_dict_from_diffusers,
     vae_state_dict_to_diffusers,
 )
+from tiny_reference import diffusers_vae_for_parity, rel_max
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -28,25 +29,11 @@ TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_s
 TOL = 1e-4
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def _tiny_diffusers_vae(seed=0):
-    torch.manual_seed(seed)
-    model = diffusers.AutoencoderKLWan(**TINY).eval()
-    with torch.no_grad():  # non-trivial norm gammas and biases; conv weights keep their random init
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-    return model
 
 
 @pytest.fixture(scope="module")
 def ref():
-    return _tiny_diffusers_vae()
+    return diffusers_vae_for_parity(TINY)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +107,7 @@ def test_encode_raw_matches_diffusers(ref, ours, video):
         want = ref.encode(video).latent_dist.mode()
     got = ours.encode_raw(video)
     assert got.shape == want.shape == (1, 4, 3, 4, 4)
-    err = _rel(got, want)
+    err = rel_max(got, want)
     print(f"encode_raw rel err {err:.3g}")
     assert err <= TOL
 
@@ -131,7 +118,7 @@ def test_decode_raw_matches_diffusers(ref, ours, latents):
     got = ours.decode_raw(latents)
     assert got.shape == want.shape == (1, 3, 9, 32, 32)
     assert (want.abs() < 1).float().mean() > 0.9  # mostly unclamped: the comparison is not against +-1
-    err = _rel(got, want)
+    err = rel_max(got, want)
     print(f"decode_raw rel err {err:.3g}")
     assert err <= TOL
 
@@ -144,10 +131,10 @@ def test_normalisation_matches_diffusers_pipeline(ref, ours, video, latents):
         want_z = (ref.encode(video).latent_dist.mode() - mean) * inv_std
         want_x = ref.decode(latents / inv_std + mean).sample
     got_z, got_x = ours.encode(video), ours.decode(latents)
-    assert _rel(got_z, want_z) <= TOL
-    assert _rel(got_x, want_x) <= TOL
+    assert rel_max(got_z, want_z) <= TOL
+    assert rel_max(got_x, want_x) <= TOL
     # ...and the normalisation is not the identity (would pass trivially with mean 0, std 1).
-    assert _rel(got_z, ours.encode_raw(video)) > 0.1
+    assert rel_max(got_z, ours.encode_raw(video)) > 0.1
 
 
 def test_tolerance_is_meaningful_the_cache_carries_the_past(ours, video, latents):
@@ -157,18 +144,18 @@ def test_tolerance_is_meaningful_the_cache_carries_the_past(ours, video, latents
     v2[:, :, 0] += 0.5
     z2 = ours.encode_raw(v2)
     for t in (1, 2):  # latent frames made from frames 1-4 and 5-8 only
-        assert _rel(z2[:, :, t], z[:, :, t]) > 100 * TOL
+        assert rel_max(z2[:, :, t], z[:, :, t]) > 100 * TOL
     # Causality: changing the last 4 frames leaves the first two latent frames bit-identical.
     v3 = video.clone()
     v3[:, :, 5:] = 0
     z3 = ours.encode_raw(v3)
-    assert torch.equal(z3[:, :, :2], z[:, :, :2]) and _rel(z3[:, :, 2], z[:, :, 2]) > 100 * TOL
+    assert torch.equal(z3[:, :, :2], z[:, :, :2]) and rel_max(z3[:, :, 2], z[:, :, 2]) > 100 * TOL
 
     x = ours.decode_raw(latents)
     l2 = latents.clone()
     l2[:, :, 0] += 1.0
     x2 = ours.decode_raw(l2)
-    assert _rel(x2[:, :, 5:], x[:, :, 5:]) > 100 * TOL  # the frames of the last latent frame
+    assert rel_max(x2[:, :, 5:], x[:, :, 5:]) > 100 * TOL  # the frames of the last latent frame
     l3 = latents.clone()
     l3[:, :, 2] = 0
     x3 = ours.decode_raw(l3)
@@ -186,9 +173,9 @@ def test_successive_calls_are_identical(ours, video, latents):
 def test_batch_of_two_matches_one_by_one(ours, video, latents):
     v = torch.cat([video, video.flip(-1)])
     z = ours.encode_raw(v)
-    assert _rel(z[1:], ours.encode_raw(video.flip(-1))) <= TOL and _rel(z[:1], ours.encode_raw(video)) <= TOL
+    assert rel_max(z[1:], ours.encode_raw(video.flip(-1))) <= TOL and rel_max(z[:1], ours.encode_raw(video)) <= TOL
     x = ours.decode_raw(torch.cat([latents, -latents]))
-    assert _rel(x[1:], ours.decode_raw(-latents)) <= TOL
+    assert rel_max(x[1:], ours.decode_raw(-latents)) <= TOL
 
 
 def test_shapes_are_checked(ours):
@@ -220,8 +207,8 @@ def test_bf16_runs_and_is_close(ref_dir, ours, video, latents):
     z = vae.encode(video)
     x = vae.decode(latents)
     assert z.dtype == x.dtype == torch.bfloat16
-    assert _rel(z, ours.encode(video)) < 5e-2
-    assert _rel(x, ours.decode(latents)) < 5e-2
+    assert rel_max(z, ours.encode(video)) < 5e-2
+    assert rel_max(x, ours.decode(latents)) < 5e-2
 
 
 # --- state dicts, loading, saving -------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from lightx2v.models.wan.vae import (
     vae_state_dict_from_diffusers,
     vae_state_dict_to_diffusers,
 )
+from tiny_reference import diffusers_vae_for_parity, rel_max
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.autoencoders.autoencoder_kl_wan import AvgDown3D, DupUp3D
@@ -48,21 +49,11 @@ def _one_cpu_thread():
     torch.set_num_threads(n)
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 @pytest.fixture(scope="module")
 def ref():
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderKLWan(**TINY22).eval()
-    with torch.no_grad():  # non-trivial norm gammas and biases; conv weights keep their random init
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-    return model
+    return diffusers_vae_for_parity(TINY22)
 
 
 @pytest.fixture(scope="module")
@@ -214,10 +205,10 @@ def test_encode_matches_diffusers_pipeline(ref, ours, frames):
         want = (ref.encode(video).latent_dist.mode() - mean) * inv_std
     got = ours.encode(video)
     assert got.shape == want.shape == (1, 48, 1 + (frames - 1) // 4, H // 16, W // 16)
-    err = _rel(got, want)
+    err = rel_max(got, want)
     print(f"{frames} frames: encode rel err {err:.3g}")
     assert err <= TOL
-    assert _rel(ours.encode_raw(video), (want / inv_std + mean)) <= TOL
+    assert rel_max(ours.encode_raw(video), (want / inv_std + mean)) <= TOL
 
 
 @pytest.mark.parametrize("frames", [1, 3])
@@ -229,7 +220,7 @@ def test_decode_matches_diffusers_pipeline(ref, ours, frames):
     got = ours.decode(latents)
     assert got.shape == want.shape == (1, 3, 1 + 4 * (frames - 1), H, W)
     assert got.abs().max() <= 1 and (want.abs() < 1).float().mean() > 0.8  # clamped, but mostly not at +-1
-    err = _rel(got, want)
+    err = rel_max(got, want)
     print(f"{frames} latent frames: decode rel err {err:.3g}")
     assert err <= TOL
 
@@ -241,7 +232,7 @@ def test_tolerance_is_meaningful(ours):
     v2 = video.clone()
     v2[:, :, 0] += 0.5
     z2 = ours.encode_raw(v2)
-    assert all(_rel(z2[:, :, t], z[:, :, t]) > 100 * TOL for t in (0, 1, 2))
+    assert all(rel_max(z2[:, :, t], z[:, :, t]) > 100 * TOL for t in (0, 1, 2))
     v3 = video.clone()
     v3[:, :, 5:] = 0
     assert torch.equal(ours.encode_raw(v3)[:, :, :2], z[:, :, :2])
@@ -249,7 +240,7 @@ def test_tolerance_is_meaningful(ours):
     x = ours.decode_raw(latents)
     l2 = latents.clone()
     l2[:, :, 0] += 1.0
-    assert _rel(ours.decode_raw(l2)[:, :, 5:], x[:, :, 5:]) > 100 * TOL  # frames of the last latent frame only
+    assert rel_max(ours.decode_raw(l2)[:, :, 5:], x[:, :, 5:]) > 100 * TOL  # frames of the last latent frame only
     l3 = latents.clone()
     l3[:, :, 2] = 0
     assert torch.equal(ours.decode_raw(l3)[:, :, :5], x[:, :, :5])
@@ -280,8 +271,8 @@ def test_tiled_decode_matches_diffusers(ref, ours, setting):
         ref.disable_tiling()
     got = ours.decode_raw(latents, tiling=t)
     assert got.shape == want.shape == (1, 3, 5, H, W)
-    assert _rel(got, want) <= TOL
-    assert _rel(got, ours.decode_raw(latents)) > 100 * TOL  # tiling does change the result
+    assert rel_max(got, want) <= TOL
+    assert rel_max(got, ours.decode_raw(latents)) > 100 * TOL  # tiling does change the result
 
 
 @pytest.mark.parametrize("setting", SETTINGS + [(24, 40, 8, 24)])  # encode: multiples of 8 suffice
@@ -296,8 +287,8 @@ def test_tiled_encode_matches_diffusers(ref, ours, setting):
         ref.disable_tiling()
     got = ours.encode_raw(video, tiling=t)
     assert got.shape == want.shape == (1, 48, 2, H // 16, W // 16)
-    assert _rel(got, want) <= TOL
-    assert _rel(got, ours.encode_raw(video)) > 100 * TOL
+    assert rel_max(got, want) <= TOL
+    assert rel_max(got, ours.encode_raw(video)) > 100 * TOL
 
 
 def test_decode_tiles_must_be_whole_latent_pixels(ours):
@@ -331,7 +322,7 @@ def test_save_both_layouts_and_reload(ours, tmp_path):
     model = diffusers.AutoencoderKLWan.from_pretrained(out)
     assert WanVAEConfig.from_diffusers_config(dict(model.config)) == ours.config
     with torch.no_grad():
-        assert _rel(model.decode(latents).sample, ours.decode_raw(latents)) <= TOL
+        assert rel_max(model.decode(latents).sample, ours.decode_raw(latents)) <= TOL
     again = load_wan_vae(out, dtype=torch.bfloat16)
     assert again.dtype == torch.bfloat16
     assert all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(again.state_dict().values(),
@@ -457,7 +448,7 @@ def test_channels_last_and_fused_norm_path_gives_the_same_values(ours, wan22, mo
     assert vae.decoder.conv1.weight.is_contiguous()
     assert all(torch.equal(v, weights[k]) for k, v in vae.state_dict().items())
     assert cl_z.is_contiguous() and cl_x.is_contiguous()
-    assert _rel(cl_z, plain_z) <= TOL and _rel(cl_x, plain_x) <= TOL
+    assert rel_max(cl_z, plain_z) <= TOL and rel_max(cl_x, plain_x) <= TOL
     assert torch.equal(vae.encode_raw(video), plain_z) and torch.equal(vae.decode_raw(latents), plain_x)
 
 
@@ -496,11 +487,11 @@ def _interpreter_report() -> dict:
             os.environ["TRITON_INTERPRET"] = "0"
             vae_mod._bias_norm_silu_rows(x, bias, gamma, c**0.5, want)  # the fallback
             os.environ["TRITON_INTERPRET"] = "1"
-            report[f"norm {dtype} {r}x{c} bias={with_bias}"] = _rel(got, want)
+            report[f"norm {dtype} {r}x{c} bias={with_bias}"] = rel_max(got, want)
             h, sc, b = x.clone(), torch.randn(r, c, generator=g).to(dtype), torch.randn(c, generator=g).to(dtype)
             got = h.clone()
             vae_mod._bias_residual_rows_(got, b, sc)
-            report[f"residual {dtype} {r}x{c}"] = _rel(got, h.add_(b).add_(sc))
+            report[f"residual {dtype} {r}x{c}"] = rel_max(got, h.add_(b).add_(sc))
     return report
 
 

@@ -11,6 +11,7 @@ import torch
 
 from lightx2v.errors import UserError
 from lightx2v.models.wan.vae import TilingConfig, WanVAE, WanVAEConfig, load_wan_vae
+from tiny_reference import diffusers_vae_for_parity, rel_max
 
 # The tiny VAE of tests/test_vae.py: every block type, non-default latent statistics.
 TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
@@ -36,8 +37,6 @@ def _one_cpu_thread():
     torch.set_num_threads(n)
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +46,7 @@ def diffusers():
 
 @pytest.fixture(scope="module")
 def ref(diffusers):
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderKLWan(**TINY).eval()
-    with torch.no_grad():  # non-trivial norm gammas and biases; conv weights keep their random init
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-    return model
+    return diffusers_vae_for_parity(TINY)
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +95,13 @@ def test_tiled_decode_matches_diffusers(ref, ours, latents, untiled, setting):
         want = _diffusers_tiled(ref, t).decode(latents).sample
     got = ours.decode_raw(latents, tiling=t)
     assert got.shape == want.shape == (1, 3, 9, 56, 72)
-    err = _rel(got, want)
+    err = rel_max(got, want)
     untiled = untiled[0]
-    print(f"{setting}: tiled decode rel err vs diffusers {err:.3g}; tiled vs untiled: rel {_rel(got, untiled):.3g}, "
+    print(f"{setting}: tiled decode rel err vs diffusers {err:.3g}; tiled vs untiled: rel {rel_max(got, untiled):.3g}, "
           f"mean abs {(got - untiled).abs().mean():.3g} (mean |x| {untiled.abs().mean():.3g})")
     assert err <= TOL
     # The comparison is meaningful: tiling changes the output far beyond TOL (random weights, tiny tiles).
-    assert _rel(got, untiled) > 100 * TOL
+    assert rel_max(got, untiled) > 100 * TOL
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
@@ -120,12 +111,12 @@ def test_tiled_encode_matches_diffusers(ref, ours, video, untiled, setting):
         want = _diffusers_tiled(ref, t).encode(video).latent_dist.mode()
     got = ours.encode_raw(video, tiling=t)
     assert got.shape == want.shape == (1, 4, 3, 7, 9)
-    err = _rel(got, want)
+    err = rel_max(got, want)
     untiled = untiled[1]
-    print(f"{setting}: tiled encode rel err vs diffusers {err:.3g}; tiled vs untiled: rel {_rel(got, untiled):.3g}, "
+    print(f"{setting}: tiled encode rel err vs diffusers {err:.3g}; tiled vs untiled: rel {rel_max(got, untiled):.3g}, "
           f"mean abs {(got - untiled).abs().mean():.3g} (mean |z| {untiled.abs().mean():.3g})")
     assert err <= TOL
-    assert _rel(got, untiled) > 100 * TOL
+    assert rel_max(got, untiled) > 100 * TOL
 
 
 def test_batch_of_two_matches_diffusers(ref, ours, latents):
@@ -135,7 +126,7 @@ def test_batch_of_two_matches_diffusers(ref, ours, latents):
         want = _diffusers_tiled(ref, t).decode(z).sample
     got = ours.decode_raw(z, t)
     assert got.shape == (2, 3, 5, 56, 72)
-    assert _rel(got, want) <= TOL
+    assert rel_max(got, want) <= TOL
 
 
 def test_tiled_is_close_to_untiled(ours, video, latents, untiled):
@@ -165,8 +156,8 @@ def test_normalised_encode_decode_pass_tiling_on(ours, video, latents):
     t = TilingConfig(32, 32, 24, 24)
     mean = torch.tensor(ours.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(ours.config.latents_std).view(1, -1, 1, 1, 1)
-    assert _rel(ours.decode(latents[:, :, :2], t), ours.decode_raw(latents[:, :, :2] * std + mean, t)) <= TOL
-    assert _rel(ours.encode(video[:, :, :5], t), (ours.encode_raw(video[:, :, :5], t) - mean) / std) <= TOL
+    assert rel_max(ours.decode(latents[:, :, :2], t), ours.decode_raw(latents[:, :, :2] * std + mean, t)) <= TOL
+    assert rel_max(ours.encode(video[:, :, :5], t), (ours.encode_raw(video[:, :, :5], t) - mean) / std) <= TOL
 
 
 def test_decoder_and_encoder_only_see_tiles(ours, video, latents):

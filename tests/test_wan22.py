@@ -19,20 +19,22 @@ TOL = 5e-3
 
 
 
-@pytest.fixture(scope="module")
-def moe_t2v(tmp_path_factory):
-    d = tmp_path_factory.mktemp("moe_t2v")
-    pipe = build_diffusers_wan22_moe_pipeline(d / "tok", "t2v")
+def saved_pipeline(tmp_path_factory, build, task):
+    """A tiny diffusers pipeline built by ``build(tok_dir, task)`` and saved: (model folder, pipeline)."""
+    d = tmp_path_factory.mktemp(f"{build.__name__}_{task}")
+    pipe = build(d / "tok", task)
     pipe.save_pretrained(d / "model")
     return d / "model", pipe
+
+
+@pytest.fixture(scope="module")
+def moe_t2v(tmp_path_factory):
+    return saved_pipeline(tmp_path_factory, build_diffusers_wan22_moe_pipeline, "t2v")
 
 
 @pytest.fixture(scope="module")
 def moe_i2v(tmp_path_factory):
-    d = tmp_path_factory.mktemp("moe_i2v")
-    pipe = build_diffusers_wan22_moe_pipeline(d / "tok", "i2v")
-    pipe.save_pretrained(d / "model")
-    return d / "model", pipe
+    return saved_pipeline(tmp_path_factory, build_diffusers_wan22_moe_pipeline, "i2v")
 
 
 def reference(pipe, guidance=(4.0, 3.0), seed=7, **kw):
@@ -219,13 +221,8 @@ W5 = 64  # pixel sizes divisible by 32 (16x VAE, 2x2 patches)
 
 @pytest.fixture(scope="module")
 def ti2v(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ti2v")
-    built = {}
-    for task in ("t2v", "i2v"):
-        pipe = build_diffusers_wan22_ti2v_pipeline(d / "tok", task)
-        pipe.save_pretrained(d / task)
-        built[task] = (d / task, pipe)
-    return built
+    build = build_diffusers_wan22_ti2v_pipeline
+    return {task: saved_pipeline(tmp_path_factory, build, task) for task in ("t2v", "i2v")}
 
 
 def ti2v_reference(pipe, image=None, seed=7):

@@ -85,6 +85,26 @@ def build_diffusers_wan22_moe_pipeline(tok_dir, task: str):
     return diffusers.WanPipeline(**parts, boundary_ratio=0.875)
 
 
+def rel_max(a, b) -> float:
+    """Largest absolute difference relative to the largest magnitude of the reference ``b``."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def diffusers_vae_for_parity(config: dict, seed: int = 0):
+    """diffusers' AutoencoderKLWan of ``config`` with its random conv init and non-trivial norm gammas and biases."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    model = diffusers.AutoencoderKLWan(**config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return model
+
+
 def tiny_diffusers_wan22_vae(seed: int = 13):
     """A toy-width Wan2.2 VAE: 48 latent channels, 2x2 patchify + 8x, residual levels."""
     import diffusers

@@ -65,7 +65,9 @@ def _boundary_ratio(src: Path, layout: str, dit_cfg) -> float:
         ratio = read_json(src / "model_index.json", "model_index.json").get("boundary_ratio")
         if ratio is not None:
             return ratio
-    return 0.9 if dit_cfg.concat_condition else 0.875
+    from lightx2v.config import MODEL_CLASS_DEFAULTS
+
+    return MODEL_CLASS_DEFAULTS["wan2.2_moe"]["i2v" if dit_cfg.concat_condition else "t2v"]["boundary"]
 
 
 def _quantizable_weight_names(cfg) -> set[str]:

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from lightx2v.errors import CheckpointError, UserError
-from lightx2v.models.wan.checkpoint import dit_key_from_diffusers, dit_key_to_diffusers
+from lightx2v.models.wan.checkpoint import EXPERT_FOLDERS, dit_key_from_diffusers, dit_key_to_diffusers
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # --- configuration --------------------------------------------------------------------------------------------
 
 
-EXPERT_NAMES = ("high_noise_model", "low_noise_model")
+# two-expert models: a LoRA entry's "name" is the folder of the expert it is for (original Wan2.2 layout)
+EXPERT_NAMES = tuple(EXPERT_FOLDERS["wan"].values())
 
 
 @dataclass(frozen=True)

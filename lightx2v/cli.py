@@ -34,9 +34,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model_cls", default="wan2.1",
-                   help="model class: wan2.1, wan2.1_distill, wan2.2_moe (A14B), wan2.2_moe_distill, wan2.2 (TI2V-5B)")
-    p.add_argument("--task", default="t2v", help="t2v | i2v | flf2v")
+    from lightx2v.engine.family import all_tasks, model_classes
+
+    p.add_argument("--model_cls", default="wan2.1", help="model class: " + ", ".join(model_classes()))
+    p.add_argument("--task", default="t2v", help=" | ".join(all_tasks()))
     p.add_argument("--model_path", default=None, help="checkpoint folder (either layout); omit for the tiny model")
     p.add_argument("--config_json", default=None, help="LightX2V-style JSON config")
     p.add_argument("--prompt", default="", help="text prompt")
@@ -73,7 +74,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lightx2v", description="Fast video diffusion inference (Wan2.1 / Wan2.2).")
+    parser = _Parser(prog="lightx2v", description="Fast video and image diffusion inference.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     gen = sub.add_parser("generate", help="generate a video")
     _add_generate_args(gen)

@@ -34,9 +34,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
-    from lightx2v.engine.family import all_tasks, model_classes
+    from lightx2v.engine.family import all_tasks, default_model_cls, model_classes
 
-    p.add_argument("--model_cls", default="wan2.1", help="model class: " + ", ".join(model_classes()))
+    p.add_argument("--model_cls", default=None, help=f"model class: {', '.join(model_classes())} (default "
+                   f"{default_model_cls()})")
     p.add_argument("--task", default="t2v", help=" | ".join(all_tasks()))
     p.add_argument("--model_path", default=None, help="checkpoint folder (either layout); omit for the tiny model")
     p.add_argument("--config_json", default=None, help="LightX2V-style JSON config")
@@ -79,10 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a video")
     _add_generate_args(gen)
     gen.set_defaults(func=_generate)
-    conv = sub.add_parser("convert", help="convert a checkpoint between the Wan and diffusers layouts")
+    from lightx2v.engine.family import convert_layouts
+
+    conv = sub.add_parser("convert", help="convert a checkpoint between its public layouts")
     conv.add_argument("src", help="source checkpoint folder (either layout)")
     conv.add_argument("dst", help="destination folder (must not exist or be empty)")
-    conv.add_argument("--layout", required=True, choices=["wan", "diffusers"], help="layout to write")
+    conv.add_argument("--layout", required=True, choices=list(convert_layouts()), help="layout to write")
     conv.add_argument("--quantize", default=None, choices=["fp8", "int8"],
                       help="store the DiT block linears quantized (for dit_quant_scheme)")
     conv.set_defaults(func=_convert)

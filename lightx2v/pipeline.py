@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lightx2v.config import GeneratorConfig, build_config, load_config_json, normalise_keys
-from lightx2v.engine.family import all_tasks, family_of
+from lightx2v.engine.family import all_tasks, default_model_cls, family_of
 from lightx2v.engine.progress import CancelToken, ProgressCallback, RunContext
 from lightx2v.engine.request import SAMPLING_KEYS, GenerationRequest
 from lightx2v.engine.runner import Generator
@@ -30,7 +30,8 @@ log = logging.getLogger("lightx2v")
 
 
 class LightX2VPipeline:
-    def __init__(self, model_path: str | Path | None = None, model_cls: str = "wan2.1", task: str = "t2v"):
+    def __init__(self, model_path: str | Path | None = None, model_cls: str | None = None, task: str = "t2v"):
+        model_cls = model_cls or default_model_cls()
         family = family_of(model_cls)
         if task not in all_tasks():
             raise UserError(f"unknown task {task!r}; supported: {', '.join(all_tasks())}")

@@ -60,6 +60,7 @@ class ModelFamily:
     # checkpoint, and convert(src, dst, layout, quantize) -> dst
     recognizes: Callable[[Path], bool] | None = None
     convert: Callable[[Path, Path, str, str | None], Path] | None = None
+    layouts: tuple[str, ...] = ()  # the checkpoint layouts ``convert`` writes
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -117,6 +118,19 @@ def model_classes() -> dict[str, ModelFamily]:
 
 def all_tasks() -> tuple[str, ...]:
     return tuple(dict.fromkeys(t for fam in families().values() for t in fam.tasks))
+
+
+def default_model_cls() -> str:
+    """The model class used when none is named: the first of the first built-in family (whose built-in tiny model
+    is the newcomer's first run)."""
+    fams = families()
+    first = importlib.import_module(BUILTIN_FAMILIES[0])
+    fam = next((f for f in fams.values() if f is getattr(first, "FAMILY", None)), next(iter(fams.values())))
+    return next(iter(fam.model_classes))
+
+
+def convert_layouts() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(layout for f in families().values() for layout in f.layouts))
 
 
 def family_of(model_cls: str) -> ModelFamily:

@@ -44,10 +44,12 @@ def detect_layout(model_path: str | Path) -> str:
         raise UserError(f"model path {str(root)!r} does not exist")
     if not root.is_dir():
         raise UserError(f"model path {str(root)!r} is not a directory")
-    if (root / "transformer").is_dir() or (root / "model_index.json").is_file():
+    # A host of one stage may hold only that stage's files (the decoder's: the VAE alone).
+    if any((root / name).exists() for name in ("transformer", "model_index.json", "vae", "text_encoder")):
         return "diffusers"
     if (root / "config.json").is_file() or any(root.glob(f"{WAN_DIT_WEIGHTS}*.safetensors")) \
-            or (root / EXPERT_FOLDERS["wan"]["high"]).is_dir():
+            or (root / EXPERT_FOLDERS["wan"]["high"]).is_dir() \
+            or any((root / f).is_file() for f in (WAN_VAE_FILE, WAN22_VAE_FILE, WAN_T5_FILE)):
         return "wan"
     raise UserError(
         f"model path {str(root)!r} holds neither layout: expected the original Wan files (config.json, "

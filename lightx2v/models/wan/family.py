@@ -20,7 +20,8 @@ from lightx2v.engine.guidance import BatchedCFG, SequentialCFG
 from lightx2v.errors import CheckpointError, UserError
 from lightx2v.models.wan.checkpoint import (EXPERT_FOLDERS, WAN_T5_FILE, WAN_TOKENIZER_DIR, detect_layout,
                                             dit_experts, dit_folder, read_dit_config, safetensors_files, vae_path)
-from lightx2v.models.wan.stages import Expert, WanDecoder, WanEncoder, WanTransformer, loras_per_expert
+from lightx2v.models.wan.stages import (Expert, WanDecoder, WanEncoder, WanTransformer, check_expert_settings,
+                                        loras_per_expert)
 from lightx2v.ops.attention import get_attention_backend
 
 WAN_CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
@@ -337,6 +338,7 @@ def check_checkpoint(spec: StageSpec) -> None:
         raise CheckpointError(f"text encoder width {width} does not match the DiT's text_dim {dit_cfg.text_dim}")
     if len(experts) > 1 and cfg.cache.method != "NoCaching":
         raise UserError("feature_caching is not supported yet for two-expert (Wan2.2 A14B) models")
+    check_expert_settings(cfg.sampling, len(experts))
     _weights_files(cfg.checkpoint, experts)
 
 
@@ -400,7 +402,7 @@ def _tiny_defaults(task: str, model_cls: str) -> dict:
     return tiny_defaults(task, model_cls)
 
 
-WAN = register_family(ModelFamily(
+FAMILY = WAN = register_family(ModelFamily(
     name="wan",
     model_classes=MODEL_CLASS_DEFAULTS,
     build_encoder=build_encoder,
@@ -414,7 +416,8 @@ WAN = register_family(ModelFamily(
     tiny_defaults=_tiny_defaults,
     recognizes=_recognizes,
     convert=_convert,
+    layouts=("wan", "diffusers"),
 ))
 
-__all__ = ["WAN", "WanConfig", "build_all", "build_decoder", "build_encoder", "build_transformer",
+__all__ = ["FAMILY", "WAN", "WanConfig", "build_all", "build_decoder", "build_encoder", "build_transformer",
            "check_checkpoint"]

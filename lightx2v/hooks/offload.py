@@ -246,13 +246,12 @@ class CheckpointBlocks:
 
     def __init__(self, model_dir: str | Path | None = None, layout: str = "wan", *,
                  weights_file: str | Path | None = None, expert: str | None = None):
-        from safetensors import safe_open
-
         from lightx2v.models.wan.checkpoint import (
-            WAN_DIT_WEIGHTS, dit_folder, dit_key_from_diffusers, require_file, safetensors_files,
+            WAN_DIT_WEIGHTS, dit_folder, dit_key_from_diffusers, open_safetensors, require_file,
+            safetensors_files, safetensors_keys,
         )
 
-        self._safe_open = safe_open
+        self._open = open_safetensors  # CheckpointError naming a corrupt or incomplete file
         if weights_file is not None:
             self.files = [require_file(Path(weights_file), "DiT weights file")]
         elif model_dir is not None:
@@ -261,8 +260,7 @@ class CheckpointBlocks:
             raise UserError("CheckpointBlocks needs a model folder or a weights file")
         self._index: dict[str, tuple[int, str]] = {}  # wan key -> (file number, key in the file)
         for i, f in enumerate(self.files):
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                keys = list(sf.keys())
+            keys = safetensors_keys(f)
             if weights_file is not None:
                 diffusers_names = any(k.startswith("condition_embedder.") or ".attn1." in k for k in keys)
             else:
@@ -278,7 +276,7 @@ class CheckpointBlocks:
 
     def _handle(self, i: int):
         if i not in self._handles:
-            self._handles[i] = self._safe_open(str(self.files[i]), framework="pt", device="cpu")
+            self._handles[i] = self._open(self.files[i])
         return self._handles[i]
 
     def keys(self) -> Iterable[str]:
@@ -295,9 +293,16 @@ class CheckpointBlocks:
             return tuple(self._handle(i).get_slice(k).get_shape())
 
     def get(self, key: str) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        from lightx2v.models.wan.checkpoint import unreadable_safetensors
+
         i, k = self._lookup(key)
         with self._lock:
-            return self._handle(i).get_tensor(k)
+            try:
+                return self._handle(i).get_tensor(k)
+            except SafetensorError as e:  # the file changed on disk after it was opened
+                raise unreadable_safetensors(self.files[i], e) from None
 
     def read(self, block: int, names: Iterable[str]) -> dict[str, torch.Tensor]:
         return {n: self.get(f"blocks.{block}.{n}") for n in names}

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lightx2v.errors import CheckpointError, UserError
@@ -79,6 +79,33 @@ def safetensors_files(folder: Path, stem: str) -> list[Path]:
     raise CheckpointError(f"missing weights: no {stem}.safetensors (or its .index.json) in {folder}")
 
 
+def unreadable_safetensors(path: Path, error: Exception) -> CheckpointError:
+    """The error for a ``.safetensors`` file that safetensors cannot parse (a download cut short, a file of
+    another format renamed, or garbage): names the file and says so, with safetensors' own reason."""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return CheckpointError(f"{path}: not a readable safetensors file, it is corrupt or incomplete ({reason}); "
+                           "download or convert it again")
+
+
+def open_safetensors(path: Path):
+    """``safe_open(path)`` (memory-mapped, CPU) as a context manager; CheckpointError naming the file when it is
+    missing, corrupt or incomplete (safetensors checks the header and that the data covers it at open)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing safetensors file: {path}")
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise unreadable_safetensors(path, e) from None
+    return handle
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """Tensor names stored in one safetensors file (header only); CheckpointError for a corrupt file."""
+    with open_safetensors(path) as sf:
+        return list(sf.keys())
+
+
 def read_json(path: Path, what: str) -> dict:
     """A JSON object from ``path``; CheckpointError naming the file when it is missing or not a JSON object."""
     path = Path(path)
@@ -127,8 +154,8 @@ def read_safetensors_dir(folder: Path, what: str, stem: str = "model") -> dict[s
     def read(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read it as safetensors: {e}") from e
+        except (SafetensorError, OSError) as e:
+            raise unreadable_safetensors(path, e) from None
 
     if single.is_file():
         return read(single)
@@ -156,10 +183,15 @@ def read_safetensors_dir(folder: Path, what: str, stem: str = "model") -> dict[s
 
 
 def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor of the files, one at a time; CheckpointError naming a corrupt file."""
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
+        with open_safetensors(f) as sf:
             for key in sf.keys():
-                yield key, sf.get_tensor(key)
+                try:
+                    t = sf.get_tensor(key)
+                except SafetensorError as e:
+                    raise unreadable_safetensors(Path(f), e) from None
+                yield key, t
 
 
 # --- strict assignment into a meta-built module ---------------------------------------------------------------
@@ -356,8 +388,7 @@ def dit_weight_names(model_dir: Path, layout: str, expert: str | None = None) ->
     """The tensor names stored in the DiT's safetensors files (headers only; nothing is read)."""
     names = []
     for f in safetensors_files(dit_folder(model_dir, layout, expert), WAN_DIT_WEIGHTS):
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            names.extend(sf.keys())
+        names.extend(safetensors_keys(f))
     return names
 
 
@@ -384,8 +415,7 @@ def dit_tensors(model_dir: Path, layout: str, expert: str | None = None) -> Iter
 def single_file_dit_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(wan key, tensor) pairs from one safetensors file in either naming (e.g. a distilled DiT)."""
     files = [require_file(Path(path), "DiT weights file")]
-    with safe_open(str(files[0]), framework="pt", device="cpu") as sf:
-        diffusers_names = any(k.startswith("condition_embedder.") or ".attn1." in k for k in sf.keys())
+    diffusers_names = any(k.startswith("condition_embedder.") or ".attn1." in k for k in safetensors_keys(files[0]))
     for key, t in iter_safetensors(files):
         yield (dit_key_from_diffusers(key) if diffusers_names else _strip_wan_prefix(key)), t
 

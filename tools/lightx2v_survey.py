@@ -85,8 +85,8 @@ MEANINGS: dict[str, tuple[str, str]] = {
     "patch_size": ("ours-off", "DiT patch (1, 2, 2); FIXED in ours (the checkpoint's)"),
     "parallel": ("issue 15", "multi-GPU: {seq_p_size, seq_p_attn_type ulysses|ring, cfg_p_size, tensor_p_size, seq_p_fp8_comm, vae_p_size...}; NOT_YET in ours"),
     # --- kernel selectors -------------------------------------------------------------------------------------
-    "rms_norm_type": ("kernel", "RMSNorm implementation of q/k norms (RMS_WEIGHT_REGISTER; Wan default sgl-kernel): torch, sgl-kernel, fp32_variance, one-pass, mlu_rms_norm, npu_rms_norm, iluvatar_rms_norm, intel_xpu ... same math"),
-    "layer_norm_type": ("kernel", "LayerNorm implementation (LN_WEIGHT_REGISTER; default torch): torch, Triton, platform ones (npu_layer_norm, gcu_layer_norm) ... same math"),
+    "rms_norm_type": ("kernel", "RMSNorm implementation of q/k norms (RMS_WEIGHT_REGISTER; Wan default sgl-kernel): torch, sgl-kernel, mlu_rms_norm, npu_rms_norm, iluvatar_rms_norm, intel_xpu: same math; fp32_variance / one-pass (not in Wan configs) are precision variants (variance in fp32, as ours computes)"),
+    "layer_norm_type": ("kernel", "LayerNorm implementation (LN_WEIGHT_REGISTER: torch, Triton; npu_layer_norm / gcu_layer_norm come from lightx2v_platform's ops for Ascend / Enflame): same math"),
     "modulate_type": ("kernel", "adaLN modulate x*(1+scale)+shift: 'triton' (fuse_scale_shift_kernel, Wan default) or anything else = torch; same math"),
     "rope_type": ("kernel", "RoPE implementation (ROPE_REGISTER; Wan default flashinfer_rope): torch_complex_rope, torch_real_rope, flashinfer_rope, npu_rope, gcu_wan_rope, mlu_rope, iluvatar_wan_rope; same math"),
     "tp_rms_norm_type": ("issue 15", "RMSNorm kernel under tensor parallel (TensorParallelFP32, IntelTensorParallelFP32)"),

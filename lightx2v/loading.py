@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from lightx2v.errors import CheckpointError
 
@@ -45,6 +45,33 @@ def safetensors_files(folder: Path, stem: str) -> list[Path]:
     if shards:
         return shards
     raise CheckpointError(f"missing weights: no {stem}.safetensors (or its .index.json) in {folder}")
+
+
+def unreadable_safetensors(path: Path, error: Exception) -> CheckpointError:
+    """The error for a ``.safetensors`` file that safetensors cannot parse (a download cut short, a file of
+    another format renamed, or garbage): names the file and says so, with safetensors' own reason."""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return CheckpointError(f"{path}: not a readable safetensors file, it is corrupt or incomplete ({reason}); "
+                           "download or convert it again")
+
+
+def open_safetensors(path: Path):
+    """``safe_open(path)`` (memory-mapped, CPU) as a context manager; CheckpointError naming the file when it is
+    missing, corrupt or incomplete (safetensors checks the header and that the data covers it at open)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing safetensors file: {path}")
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise unreadable_safetensors(path, e) from None
+    return handle
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """Tensor names stored in one safetensors file (header only); CheckpointError for a corrupt file."""
+    with open_safetensors(path) as sf:
+        return list(sf.keys())
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -95,8 +122,8 @@ def read_safetensors_dir(folder: Path, what: str, stem: str = "model") -> dict[s
     def read(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read it as safetensors: {e}") from e
+        except (SafetensorError, OSError) as e:
+            raise unreadable_safetensors(path, e) from None
 
     if single.is_file():
         return read(single)
@@ -124,10 +151,15 @@ def read_safetensors_dir(folder: Path, what: str, stem: str = "model") -> dict[s
 
 
 def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor of the files, one at a time; CheckpointError naming a corrupt file."""
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
+        with open_safetensors(f) as sf:
             for key in sf.keys():
-                yield key, sf.get_tensor(key)
+                try:
+                    t = sf.get_tensor(key)
+                except SafetensorError as e:
+                    raise unreadable_safetensors(Path(f), e) from None
+                yield key, t
 
 
 # --- strict assignment into a meta-built module ---------------------------------------------------------------
@@ -250,15 +282,14 @@ class LazyTensors:
         self.what = what
         self._index: dict[str, tuple[int, str]] = {}  # our key -> (file number, key in the file)
         for i, f in enumerate(self.files):
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for k in sf.keys():
-                    self._index[rename(k) if rename else k] = (i, k)
+            for k in safetensors_keys(f):
+                self._index[rename(k) if rename else k] = (i, k)
         self._handles: dict[int, object] = {}
         self._lock = threading.Lock()
 
     def _handle(self, i: int):
         if i not in self._handles:
-            self._handles[i] = safe_open(str(self.files[i]), framework="pt", device="cpu")
+            self._handles[i] = open_safetensors(self.files[i])
         return self._handles[i]
 
     def keys(self) -> Iterable[str]:
@@ -277,7 +308,10 @@ class LazyTensors:
     def get(self, key: str) -> torch.Tensor:
         i, k = self._lookup(key)
         with self._lock:
-            return self._handle(i).get_tensor(k)
+            try:
+                return self._handle(i).get_tensor(k)
+            except SafetensorError as e:  # the file changed on disk after it was opened
+                raise unreadable_safetensors(self.files[i], e) from None
 
     def close(self) -> None:
         with self._lock:

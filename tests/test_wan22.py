@@ -56,7 +56,7 @@ def ours(model_dir, task="t2v", guidance=(4.0, 3.0), seed=7, image=None, model_c
 
 def timesteps_of(pipe_ours):
     s = pipe_ours.config.sampling
-    sched = pipe_ours.runner.transformer.scheduler(s, s.sample_shift, torch.Generator())
+    sched = pipe_ours.runner.transformer.scheduler(s, s.sample_shift)
     return [int(t) for t in sched.timesteps]
 
 

@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lightx2v.errors import CheckpointError, UserError
-from lightx2v.loading import (LazyTensors, assign_strict, iter_safetensors, read_json, rename_key, require_file,
-                              safetensors_files)
+from lightx2v.loading import (LazyTensors, assign_strict, iter_safetensors, open_safetensors, read_json, rename_key,
+                              require_file, safetensors_files, safetensors_keys)
 from lightx2v.models.wan.arch import WanDiTConfig
 
 WAN_DIT_WEIGHTS = "diffusion_pytorch_model"
@@ -181,21 +180,42 @@ def dit_weight_names(model_dir: Path, layout: str, expert: str | None = None) ->
     """The tensor names stored in the DiT's safetensors files (headers only; nothing is read)."""
     names = []
     for f in safetensors_files(dit_folder(model_dir, layout, expert), WAN_DIT_WEIGHTS):
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            names.extend(sf.keys())
+        names.extend(safetensors_keys(f))
     return names
 
 
+def dit_weight_shapes(model_dir: Path, layout: str, expert: str | None = None) -> dict[str, tuple[int, ...]]:
+    """Stored name -> shape of every DiT tensor (safetensors headers only; nothing is read)."""
+    shapes = {}
+    for f in safetensors_files(dit_folder(model_dir, layout, expert), WAN_DIT_WEIGHTS):
+        with open_safetensors(f) as sf:
+            for k in sf.keys():
+                shapes[k] = tuple(sf.get_slice(k).get_shape())
+    return shapes
+
+
 def read_dit_config(model_dir: Path, layout: str, expert: str | None = None) -> WanDiTConfig:
-    d = read_json(dit_folder(model_dir, layout, expert) / "config.json", "DiT config")
+    folder = dit_folder(model_dir, layout, expert)
+    d = read_json(folder / "config.json", "DiT config")
     if layout == "diffusers":
-        return WanDiTConfig.from_diffusers_config(d)
+        return WanDiTConfig.from_diffusers_config(d)  # FLF2V: pos_embed_seq_len gives the emb_pos length
     cfg = WanDiTConfig.from_wan_config(d)
-    if cfg.has_image_input and "clip_input" not in d:
-        # Wan2.1 and Wan2.2 I2V DiTs share model_type "i2v"; only Wan2.1's carry the CLIP projection img_emb.
-        names = dit_weight_names(model_dir, layout, expert)
-        if not any(_strip_wan_prefix(k).startswith("img_emb.") for k in names):
+    if cfg.model_type == "flf2v" or (cfg.has_image_input and "clip_input" not in d):
+        shapes = {_strip_wan_prefix(k): v for k, v in dit_weight_shapes(model_dir, layout, expert).items()}
+        if cfg.has_image_input and "clip_input" not in d and not any(k.startswith("img_emb.") for k in shapes):
+            # Wan2.1 and Wan2.2 I2V DiTs share model_type "i2v"; only Wan2.1's carry the CLIP projection img_emb.
             cfg = replace(cfg, clip_input=False)
+        pos = shapes.get("img_emb.emb_pos")
+        if cfg.model_type == "flf2v" and pos is not None:
+            # The Wan release's config.json does not say how many CLIP tokens the FLF2V DiT takes: its stored
+            # position embedding [1, 2 x tokens per image, image_dim] does.
+            if len(pos) != 3 or pos[0] != 1:
+                raise CheckpointError(f"DiT checkpoint in {folder}: img_emb.emb_pos has shape {pos}, expected "
+                                      "[1, 2 x CLIP tokens per image, image_dim]")
+            if d.get("pos_embed_seq_len") is not None and d["pos_embed_seq_len"] != pos[1]:
+                raise CheckpointError(f"{folder / 'config.json'}: pos_embed_seq_len {d['pos_embed_seq_len']} "
+                                      f"disagrees with the stored img_emb.emb_pos {pos}")
+            cfg = replace(cfg, image_pos_len=pos[1])
     return cfg
 
 
@@ -207,8 +227,7 @@ def dit_tensors(model_dir: Path, layout: str, expert: str | None = None) -> Iter
 
 
 def _has_diffusers_names(path: Path) -> bool:
-    with safe_open(str(path), framework="pt", device="cpu") as sf:
-        return any(k.startswith("condition_embedder.") or ".attn1." in k for k in sf.keys())
+    return any(k.startswith("condition_embedder.") or ".attn1." in k for k in safetensors_keys(path))
 
 
 def single_file_dit_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lightx2v.models.block_stack import BlockStack
 from lightx2v.models.plan import HookPlan
-from lightx2v.models.wan.arch import CLIP_TOKENS, WanDiTConfig
+from lightx2v.models.wan.arch import WanDiTConfig
 from lightx2v.models.wan.checkpoint import dit_key_to_diffusers, wan_key_from_diffusers
 from lightx2v.ops import triton as fused
 from lightx2v.ops.attention import AttentionBackend
@@ -389,7 +389,9 @@ class Head(nn.Module):
 
 
 class ImageProjection(nn.Module):
-    """CLIP image tokens [B, 257, 1280] -> [B, 257, dim] (FLF2V: first and last image, 514 tokens)."""
+    """CLIP image tokens [B, T, image_dim] -> [B, T, dim]: T = 257 for ViT-H/14 I2V; FLF2V: the first and the last
+    image's tokens together, T = ``cfg.image_pos_len`` (2 x 257 in the release), each position with its own
+    learned embedding ``emb_pos`` [1, T, image_dim]."""
 
     def __init__(self, cfg: WanDiTConfig):
         super().__init__()
@@ -398,13 +400,17 @@ class ImageProjection(nn.Module):
             nn.LayerNorm(d_in), nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, cfg.dim), nn.LayerNorm(cfg.dim)
         )
         if cfg.model_type == "flf2v":
-            self.emb_pos = nn.Parameter(torch.zeros(1, 2 * CLIP_TOKENS, d_in))
+            self.emb_pos = nn.Parameter(torch.zeros(1, cfg.image_pos_len, d_in))
         else:
             self.emb_pos = None
 
     def forward(self, clip_tokens: torch.Tensor) -> torch.Tensor:
-        if self.emb_pos is not None:  # [B, 2 * 257, 1280]: first and last frame tokens
-            clip_tokens = clip_tokens.reshape(-1, self.emb_pos.shape[1], clip_tokens.shape[-1]) + self.emb_pos
+        if self.emb_pos is not None:  # [B, image_pos_len, image_dim]: first and last frame tokens
+            n = self.emb_pos.shape[1]
+            if clip_tokens.shape[-2] * (clip_tokens.shape[0] if clip_tokens.ndim == 3 else 1) % n:
+                raise ValueError(f"FLF2V DiT takes {n} CLIP tokens per sample ({n // 2} per image), got "
+                                 f"{tuple(clip_tokens.shape)}: the image encoder does not fit this DiT")
+            clip_tokens = clip_tokens.reshape(-1, n, clip_tokens.shape[-1]) + self.emb_pos
         norm0, fc1, act, fc2, norm1 = self.proj
         dtype = fc1.weight.dtype
         y = layer_norm_f32(clip_tokens, norm0.eps, norm0.weight, norm0.bias).to(dtype)

@@ -257,11 +257,11 @@ class WanTransformer:
     def check_sampling(self, s: SamplingConfig) -> None:
         check_expert_settings(s, len(self.experts))
 
-    def scheduler(self, s: SamplingConfig, shift: float, generator: torch.Generator):
+    def scheduler(self, s: SamplingConfig, shift: float):
         if s.denoising_step_list is not None:
             from lightx2v.schedulers.distill import StepDistillScheduler
 
-            sched = StepDistillScheduler(s.denoising_step_list, shift=shift, generator=generator)
+            sched = StepDistillScheduler(s.denoising_step_list, shift=shift)
         else:
             sched = make_scheduler(s.solver, shift=shift)
         sched.set_timesteps(s.infer_steps, device=self.device)
@@ -351,12 +351,12 @@ class WanTransformer:
     def denoise(self, text: TextEmbeds, images: list[ImageCond] | None, seed: int, s: SamplingConfig,
                 shapes, ctx: RunContext) -> torch.Tensor:
         # The initial noise is drawn exactly as diffusers' Wan pipelines draw it: float32, on a CPU generator.
-        # With changing_resolution, one noise per stage is drawn in stage order (the full-size one last); the
-        # step-distill sampler draws its re-noising noise from the same generator, so a seed fixes everything.
+        # With changing_resolution, one noise per stage is drawn in stage order (the full-size one last), so a seed
+        # fixes everything.
         g = torch.Generator("cpu").manual_seed(seed)
         noises = [torch.randn(tuple(shape), generator=g, dtype=torch.float32) for shape in shapes]
         stage, latents = 0, noises[0].to(self.device)
-        scheduler = self.scheduler(s, s.sample_shift, g)
+        scheduler = self.scheduler(s, s.sample_shift)
         for e in self.experts:
             if e.cache is not None:
                 e.cache.begin_generation(s.infer_steps)
@@ -384,7 +384,7 @@ class WanTransformer:
                     stage += 1
                     x0 = F.interpolate(latents - sigma * v, size=noises[stage].shape[2:], mode="trilinear")
                     latents = (1 - sigma) * x0 + sigma * noises[stage].to(self.device)
-                    scheduler = self.scheduler(s, s.sample_shift + stage, g)
+                    scheduler = self.scheduler(s, s.sample_shift + stage)
                     scheduler.restart_at(i + 1)
                     host_timesteps = scheduler.timesteps.tolist()
                 del v

@@ -269,3 +269,26 @@ def test_size_must_fit_the_model(saved):
     enc = ZImageEncoder(saved[0])
     with pytest.raises(UserError, match="multiples of 16"):
         enc.encode(ZImageRequest(prompt="x", height=40, width=64))
+
+
+# ---- configs -------------------------------------------------------------------------------------------------
+
+def test_shipped_configs_map_onto_the_family(tiny):
+    from pathlib import Path
+
+    from lightx2v.models.z_image.checkpoint import read_dit_config
+    from lightx2v.models.z_image.stages import check_config, split_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paths = sorted((root / "z_image").glob("*.json")) + [root / "platforms" / "intel_xpu" / "z_image_turbo_t2i.json"]
+    assert len(paths) >= 2
+    for path in paths:
+        req_kw, opt_kw, checks = split_config(json.loads(path.read_text()))
+        req = ZImageRequest(prompt="x", **req_kw)
+        assert req.infer_steps == 9 and not req.do_cfg and req.aspect_ratio in ASPECT_RATIOS
+        ZImageOptions(**opt_kw)
+        check_config(checks, read_dit_config(tiny))  # 16 latent channels, patch 2: as the release
+    with pytest.raises(UserError, match="infer_step"):
+        split_config({"infer_step": 9})
+    with pytest.raises(UserError, match="num_channels_latents"):
+        check_config(split_config({"num_channels_latents": 48})[2], read_dit_config(tiny))

@@ -142,6 +142,47 @@ class ZImageOptions:
     attn_mode: str = "torch_sdpa"  # the DiT's attention backend (lightx2v.ops.attention)
 
 
+#: LightX2V config keys of Z-Image and where they go: ("request", ZImageRequest field), ("options", ZImageOptions
+#: field), or ("check", DiT config attribute the value must equal). ``_comment`` keys are ignored.
+CONFIG_KEYS: dict[str, tuple[str, str]] = {
+    "infer_steps": ("request", "infer_steps"),
+    "sample_guide_scale": ("request", "guidance_scale"),
+    "enable_cfg": ("request", "enable_cfg"),
+    "sample_shift": ("request", "sample_shift"),
+    "aspect_ratio": ("request", "aspect_ratio"),
+    "aspect_ratios": ("request", "aspect_ratios"),
+    "target_height": ("request", "height"),
+    "target_width": ("request", "width"),
+    "attn_type": ("options", "attn_mode"),
+    "num_channels_latents": ("check", "in_channels"),
+    "patch_size": ("check", "patch_size"),
+}
+
+
+def split_config(d: Mapping) -> tuple[dict, dict, dict]:
+    """A LightX2V Z-Image config -> (ZImageRequest kwargs, ZImageOptions kwargs, {DiT attribute: required value});
+    UserError naming unknown keys."""
+    unknown = sorted(k for k in d if k not in CONFIG_KEYS and not k.startswith("_comment"))
+    if unknown:
+        raise UserError(f"unknown Z-Image config keys {unknown}; known: {', '.join(CONFIG_KEYS)}")
+    out: dict[str, dict] = {"request": {}, "options": {}, "check": {}}
+    for k, v in d.items():
+        if k in CONFIG_KEYS:
+            where, name = CONFIG_KEYS[k]
+            out[where][name] = v
+    return out["request"], out["options"], out["check"]
+
+
+def check_config(checks: Mapping, dit_cfg) -> None:
+    """UserError unless every checked key of :func:`split_config` equals the checkpoint's value."""
+    wrong = []
+    for key, (where, attr) in CONFIG_KEYS.items():
+        if where == "check" and attr in checks and checks[attr] != getattr(dit_cfg, attr):
+            wrong.append(f"{key}={checks[attr]!r} (the checkpoint has {getattr(dit_cfg, attr)!r})")
+    if wrong:
+        raise UserError("the config does not fit the checkpoint: " + "; ".join(wrong))
+
+
 @dataclass(frozen=True)
 class ZImageEncoded:
     """Message 1: what the transformer and decoder stages need (tensors and plain values only)."""

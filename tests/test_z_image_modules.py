@@ -154,7 +154,6 @@ def test_seed_prompt_goes_through_template_and_tokenizer(saved):
     n = int(mask.sum())
     assert 0 < n < 512 and mask[0, :n].all() and not mask[0, n:].any()  # right padding
     assert te.tokenizer.decode(ids[0, :n]) == text
-    assert te.tokenizer.unk_token_id not in ids[0, :n].tolist() or te.tokenizer.unk_token == te.tokenizer.pad_token
     with torch.inference_mode():
         feats = te.encode(SEED_PROMPT)
     assert feats.shape == (n, 32) and torch.isfinite(feats).all()

@@ -13,7 +13,7 @@ from lightx2v.errors import CheckpointError, UserError
 from lightx2v.models.z_image import checkpoint as ckpt
 from lightx2v.models.z_image.stages import (ASPECT_RATIOS, ZImageDecoder, ZImageEncoder, ZImageOptions, ZImageRequest,
                                             ZImageTransformer, generate)
-from lightx2v.models.z_image.tiny import TINY_ASPECT_RATIOS, TINY_DEFAULTS, write_tiny_model
+from lightx2v.models.z_image.tiny import TINY_ASPECT_RATIOS, TINY_DEFAULTS, ensure_tiny_model, write_tiny_model
 
 PIXEL_TOL = 5e-3
 
@@ -29,7 +29,11 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return write_tiny_model(tmp_path_factory.mktemp("z-image-tiny") / "model")
+    """The built-in tiny model, through its cache helper (written once into a test folder)."""
+    root = tmp_path_factory.mktemp("z-image-tiny")
+    folder = ensure_tiny_model(root)
+    assert ensure_tiny_model(root) == folder and (folder / "COMPLETE").is_file()
+    return folder
 
 
 def reference(pipe, request: ZImageRequest, height: int, width: int) -> torch.Tensor:
@@ -70,6 +74,27 @@ def test_cfg_generation_matches_zimage_pipeline(saved):
     no_cfg = generate(folder, ZImageRequest(**{**req.__dict__, "enable_cfg": False}))
     other_negative = generate(folder, ZImageRequest(**{**req.__dict__, "negative_prompt": "a dog"}))
     assert max_abs(no_cfg, ours) > 20 * PIXEL_TOL and max_abs(other_negative, ours) > 20 * PIXEL_TOL
+
+
+def test_scheduler_options_match_zimage_pipeline(saved, tmp_path):
+    """Dynamic shifting (mu from the image-token count) and a request's sample_shift, against the same pipeline with
+    that scheduler."""
+    import diffusers
+
+    folder, pipe = saved
+    dyn = _copy(saved, tmp_path)
+    path = dyn / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "use_dynamic_shifting": True}))
+    req = ZImageRequest(prompt="a red cat", seed=5, infer_steps=3, height=48, width=80)
+    for model, sched_kw, request in ((dyn, dict(use_dynamic_shifting=True), req),
+                                     (folder, dict(shift=5.0), ZImageRequest(**{**req.__dict__, "sample_shift": 5.0}))):
+        base = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+        sched = diffusers.FlowMatchEulerDiscreteScheduler(**{**base, **sched_kw})
+        assert all(sched.config[k] == v for k, v in sched_kw.items())
+        ref = diffusers.ZImagePipeline(**{**pipe.components, "scheduler": sched})
+        want = reference(ref, request, 48, 80)
+        assert max_abs(generate(model, request), want) <= PIXEL_TOL
+        assert max_abs(generate(folder, req), want) > 20 * PIXEL_TOL  # the plain Turbo schedule differs
 
 
 def test_guidance_0_and_1_run_one_forward_per_step(saved, monkeypatch):

@@ -160,7 +160,7 @@ def load_text_encoder(model_path, device="cpu", dtype: torch.dtype = torch.float
         full = Qwen3Model(cfg)
     _check(_expected(full), {n: shapes[k][0] for n, k in names.items()}, str(folder), show_key=lambda n: prefix + n)
     del full
-    dropped = te.dropped_keys(cfg)
+    dropped = te.dropped_keys(cfg, names)
     kept = {n: k for n, k in names.items() if n not in dropped}
     model = te.build_text_model(cfg, device, dtype, stream_tensors(files, kept))
     tokenizer = te.load_tokenizer(root / TOKENIZER_DIR, cfg.vocab_size)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -70,7 +70,7 @@ class ZImageRequest:
     aspect_ratio: str = "16:9"
     height: int | None = None
     width: int | None = None
-    aspect_ratios: Mapping[str, tuple[int, int]] | None = field(default=None, compare=False)
+    aspect_ratios: Mapping[str, tuple[int, int]] | None = None  # LightX2V's aspect_ratios: {name: [w, h]}
     max_sequence_length: int = 512
 
     def __post_init__(self):
@@ -258,9 +258,9 @@ class ZImageTransformer:
         gen = torch.Generator("cpu").manual_seed(request.seed)
         latents = torch.randn(encoded.latent_shape, generator=gen, dtype=torch.float32).to(self.device)
         _, _, h, w = encoded.latent_shape
-        p = self.dit.cfg.patch_size
         sched = ZImageScheduler(self.scheduler_cfg, shift=request.sample_shift)
-        sched.set_timesteps(request.infer_steps, image_seq_len=(h // p) * (w // p), device=self.device)
+        # the reference counts image tokens as (h // 2) * (w // 2) (2x2 patches) for the dynamic shift
+        sched.set_timesteps(request.infer_steps, image_seq_len=(h // 2) * (w // 2), device=self.device)
 
         cond = encoded.prompt_embeds.to(self.device)[None]  # [1, L, cap_feat_dim]
         uncond = encoded.negative_prompt_embeds.to(self.device)[None] if cfg_on else None

@@ -120,14 +120,11 @@ def checkpoint_key_map(keys, what: str) -> tuple[dict[str, str], str]:
     return {k[len(prefix):]: k for k in keys if k.startswith(prefix)}, prefix
 
 
-def dropped_keys(cfg) -> set[str]:
-    """Qwen3Model keys that the cut model does not have: the last layer and the final norm."""
-    last = cfg.num_hidden_layers - 1
-    from transformers import Qwen3Model
-
-    with torch.device("meta"):
-        full = Qwen3Model(cfg)
-    return {k for k in full.state_dict() if k.startswith(f"layers.{last}.") or k == "norm.weight"}
+def dropped_keys(cfg, names) -> set[str]:
+    """The ``Qwen3Model`` names among ``names`` that the cut model does not have: the last layer and the final
+    norm."""
+    last = f"layers.{cfg.num_hidden_layers - 1}."
+    return {n for n in names if n.startswith(last) or n == "norm.weight"}
 
 
 def build_text_model(cfg, device, dtype: torch.dtype, tensors) -> nn.Module:

@@ -13,6 +13,8 @@ tokenizes), 9 steps.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from safetensors.torch import save_file
 from lightx2v.models.z_image.arch import ZImageDiTConfig, ZImageSchedulerConfig, ZImageVAEConfig
 
 TINY_SEED = 20260417
+TINY_VERSION = 1  # bump when the tiny model changes, so cached copies are rewritten
 TINY_DIT = ZImageDiTConfig(in_channels=16, dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
                            cap_feat_dim=32, axes_dims=(8, 12, 12))
 TINY_VAE = ZImageVAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
@@ -96,4 +99,27 @@ def write_tiny_model(folder) -> Path:
              "text_encoder": ["transformers", "Qwen3Model"], "tokenizer": ["transformers", "Qwen2Tokenizer"],
              "transformer": ["diffusers", "ZImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder
+
+
+def ensure_tiny_model(root: Path | None = None) -> Path:
+    """The tiny model's folder under ``root`` (default: lightx2v's cache folder), written first if it is not there
+    (atomically: written aside, then renamed; a copy written meanwhile by another process is kept)."""
+    from lightx2v.models.wan.tiny import cache_root
+
+    folder = Path(root or cache_root()) / f"tiny-z_image-t2i-v{TINY_VERSION}"
+    if (folder / "COMPLETE").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-z_image-", dir=folder.parent))
+    try:
+        write_tiny_model(tmp)
+        (tmp / "COMPLETE").write_text("ok\n")
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / "COMPLETE").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder

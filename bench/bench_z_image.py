@@ -132,10 +132,6 @@ def bench_dit(cfg, sizes, cap_len, dev, dtype, steps, rows, fp32_check):
         print(row, flush=True)
         del out_ref, out_ours
         gc.collect()
-    del ref, ours
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def bench_vae(cfg, sizes, dev, dtype, repeats, rows):
@@ -180,6 +176,9 @@ def main():
     rows: list[dict] = []
     if "dit" in args.parts:
         bench_dit(dit_cfg, sizes, cap_len, dev, dtype, args.steps, rows, fp32_check=not args.tiny)
+        gc.collect()  # the DiT pair is gone with bench_dit's frame
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     if "vae" in args.parts:
         bench_vae(vae_cfg, sizes, dev, dtype, args.repeats, rows)
     cols = list(dict.fromkeys(k for r in rows for k in r))

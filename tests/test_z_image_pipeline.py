@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from z_image_reference import rel_max, tiny_diffusers_pipeline
+from z_image_reference import SEED_PROMPT, tiny_diffusers_pipeline
 
 from lightx2v.errors import CheckpointError, UserError
 from lightx2v.models.z_image import checkpoint as ckpt
@@ -134,6 +134,7 @@ def test_seed_example_call_sequence_on_the_tiny_model(tiny, tmp_path):
     generator_kw = dict(attn_mode="torch_sdpa", aspect_ratio="16:9", infer_steps=9, guidance_scale=1)
     seed = 42
     prompt = 'A coffee shop entrance features a chalkboard sign reading "Qwen Coffee 😊 $2 per cup," with a neon light beside it displaying "通义千问". Next to it hangs a poster showing a beautiful Chinese woman, and beneath the poster is written "π≈3.1415926-53589793-23846264-33832795-02384197". Ultra HD, 4K, cinematic composition, Ultra HD, 4K, cinematic composition.'  # noqa: E501
+    assert prompt == SEED_PROMPT  # the string the module tests tokenize and encode
     negative_prompt = ""
     save_result_path = tmp_path / "output.png"
     # pipe.generate(seed=seed, prompt=prompt, negative_prompt=negative_prompt, save_result_path=save_result_path)

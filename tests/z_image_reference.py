@@ -8,8 +8,8 @@ from lightx2v.models.z_image.text_encoder import build_tiny_tokenizer
 
 # The seed example's prompt (LightX2V's Intel XPU Z-Image-Turbo example), exactly.
 SEED_PROMPT = ('A coffee shop entrance features a chalkboard sign reading "Qwen Coffee 😊 $2 per cup," with a neon '
-               'light beside it displaying "通义千问". Next to it hangs a poster showing a beautiful Chinese woman, and '
-               'beneath the poster is written "π≈3.1415926-53589793-23846264-33832795-02384197". Ultra HD, 4K, '
+               'light beside it displaying "通义千问". Next to it hangs a poster showing a beautiful Chinese woman, '
+               'and beneath the poster is written "π≈3.1415926-53589793-23846264-33832795-02384197". Ultra HD, 4K, '
                'cinematic composition, Ultra HD, 4K, cinematic composition.')
 
 DIT_KW = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,

@@ -3,7 +3,8 @@
 Per prompt (diffusers 0.42.1, ``ZImagePipeline._encode_prompt``):
 
 1. the prompt becomes one user turn of the tokenizer's chat template, with the generation prompt and
-   ``enable_thinking=True`` (for Qwen3's template: ``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n``);
+   ``enable_thinking=True`` (Qwen3's template then gives
+   ``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n``);
 2. it is tokenized padded to ``max_sequence_length`` (512) tokens, truncating longer ones, with the attention mask;
 3. the features are the hidden states entering the LAST decoder layer (``hidden_states[-2]``: after
    ``num_hidden_layers - 1`` layers, without the final norm), kept only at the prompt's own (unmasked) tokens:

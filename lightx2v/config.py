@@ -27,6 +27,7 @@ ALIASES = {
     "sample_guide_scale": "guidance_scale",
     "num_inference_steps": "infer_steps",
     "sample_solver": "solver",
+    "attn_type": "attn_mode",  # LightX2V's attention key of the image / HunyuanVideo families
 }
 
 # Keys of features that later versions implement: accepted while they ask for nothing (value is off/empty).
@@ -183,11 +184,12 @@ def normalise_keys(raw: dict[str, Any], source: str, family=None) -> dict[str, A
             continue
         if key in IGNORED:
             continue
+        key = ALIASES.get(key, key)
         if key == "attn_mode":
             for name in ("self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type"):
                 out[name] = value
             continue
-        out[ALIASES.get(key, key)] = value
+        out[key] = value
     return out
 
 
@@ -203,6 +205,8 @@ def build_config(defaults: dict[str, Any], json_values: dict[str, Any], override
         merged.update(values)
         if source != "defaults":
             given.update(values)
+    if ("height" in given or "width" in given) and "aspect_ratio" not in given:
+        merged.pop("aspect_ratio", None)  # an explicit size replaces a default aspect ratio
     if merged.get("denoising_step_list") is not None:
         # A step-distilled schedule fixes the step count and the sampler.
         if "infer_steps" not in given and isinstance(merged["denoising_step_list"], (list, tuple)) \

@@ -16,6 +16,7 @@ Everything a family's loaders need lives here; a family's ``checkpoint.py`` hold
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -316,3 +317,8 @@ class LazyTensors:
     def close(self) -> None:
         with self._lock:
             self._handles.clear()
+
+
+def cache_root() -> Path:
+    """Where built-in tiny models are written on first use: ``$LIGHTX2V_CACHE_DIR`` or ``~/.cache/lightx2v``."""
+    return Path(os.environ.get("LIGHTX2V_CACHE_DIR") or Path.home() / ".cache" / "lightx2v")

@@ -44,9 +44,16 @@ class LightX2VPipeline:
         self.model_cls, self.task, self.family = model_cls, task, family
         self.config: GeneratorConfig | None = None
         self.runner: Generator | None = None
+        # what create_generator calls set, kept on the pipeline as LightX2V keeps its config: a later call changes
+        # only the keys it names (a config_json, then keyword arguments)
+        self._json_values: dict[str, Any] = {}
+        self._overrides: dict[str, Any] = {}
 
     def create_generator(self, config_json: str | Path | None = None, **overrides: Any) -> "LightX2VPipeline":
-        """Build the generator: defaults < ``config_json`` < keyword overrides. Loads the model weights."""
+        """Build the generator: defaults < the model folder's own defaults < ``config_json`` < keyword overrides.
+        Loads the model weights. A second call keeps what earlier calls set and changes only the keys it names
+        (as LightX2V's pipeline does: e.g. ``create_generator(config_json=...)`` then
+        ``create_generator(infer_steps=9)``)."""
         from lightx2v.engine.family import StageSpec
 
         family = self.family
@@ -54,8 +61,18 @@ class LightX2VPipeline:
         model_path = self.model_path
         if model_path is None and family.tiny_defaults is not None:
             defaults.update(family.tiny_defaults(self.task, self.model_cls))
-        json_values = load_config_json(config_json) if config_json is not None else {}
-        self.config = build_config(defaults, json_values, overrides, family=family)
+        elif model_path is not None:
+            defaults.update(folder_defaults(model_path))
+        json_values = dict(self._json_values)
+        override_values = dict(self._overrides)
+        if config_json is not None:
+            new = load_config_json(config_json)
+            json_values.update(new)
+            for key in new:  # the later call wins
+                override_values.pop(key, None)
+        override_values.update({k: v for k, v in overrides.items() if v is not None})
+        self.config = build_config(defaults, json_values, override_values, family=family)
+        self._json_values, self._overrides = json_values, override_values
         if model_path is None:
             if family.tiny_model is None:
                 raise UserError(f"model_cls {self.model_cls!r} has no built-in tiny model: pass model_path")
@@ -120,6 +137,8 @@ class LightX2VPipeline:
         if unknown:
             raise UserError(f"generate() cannot change {unknown} per request (they are load-time settings: pass "
                             "them to create_generator); per-request settings: " + ", ".join(sorted(SAMPLING_KEYS)))
+        if ("height" in changes or "width" in changes) and "aspect_ratio" not in changes:
+            changes["aspect_ratio"] = None  # an explicit size replaces the generator's aspect ratio
         if "denoising_step_list" in changes and "infer_steps" not in changes:
             changes["infer_steps"] = len(changes["denoising_step_list"] or ()) or self.config.sampling.infer_steps
         s = replace(self.config.sampling, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
@@ -166,6 +185,16 @@ class LightX2VPipeline:
         if request.return_result_tensor:
             return saved, frames.frames
         return saved
+
+
+FOLDER_DEFAULTS = "lightx2v_defaults.json"
+
+
+def folder_defaults(model_path: Path) -> dict[str, Any]:
+    """The defaults a model folder brings (``lightx2v_defaults.json``: config keys, e.g. the built-in tiny models'
+    sizes), at the "defaults" tier: a config JSON and arguments still win."""
+    path = Path(model_path) / FOLDER_DEFAULTS
+    return load_config_json(path) if path.is_file() else {}
 
 
 def _check_output_folder(path: Path) -> None:

@@ -18,6 +18,7 @@ from lightx2v.errors import UserError
 
 BUILTIN_FAMILIES = (
     "lightx2v.models.wan.family",
+    "lightx2v.models.z_image.family",
 )
 
 _FAMILIES: dict[str, "ModelFamily"] = {}

@@ -40,6 +40,9 @@ class SamplingConfig:
     changing_resolution_steps: tuple[int, ...] | None = None  # 1-based steps after which to switch
     boundary: float | None = None  # two-expert models: the high-noise expert runs while t >= boundary * 1000
     boundary_step_index: int | None = None  # two-expert step-distilled models: steps [0, index) use the high expert
+    # image models: a named size from the family's table ("16:9", ...); when set, it decides height and width
+    # (giving height/width without it clears it)
+    aspect_ratio: str | None = None
 
     def __post_init__(self):
         check_int("infer_steps", self.infer_steps, lo=1)
@@ -61,7 +64,10 @@ class SamplingConfig:
             object.__setattr__(self, "guidance_scale", (float(g[0]), float(g[1])))
         else:
             check_number("guidance_scale", self.guidance_scale, lo=0.0)
-        check_number("sample_shift", self.sample_shift, lo=0.0, strict=True)
+        if self.sample_shift != "auto":  # "auto": the checkpoint's own shift (families whose scheduler config has one)
+            check_number("sample_shift", self.sample_shift, lo=0.0, strict=True)
+        if self.aspect_ratio is not None and not isinstance(self.aspect_ratio, str):
+            raise UserError(f"aspect_ratio={self.aspect_ratio!r} must be a string such as \"16:9\"")
         if self.boundary is not None and (isinstance(self.boundary, bool) or not isinstance(self.boundary, (int, float))
                                           or not 0 < self.boundary < 1):
             raise UserError(f"boundary={self.boundary!r} must be a number in (0, 1) (a fraction of 1000 timesteps)")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lightx2v.engine.components import ComponentSlot, slot_policy
+from lightx2v.engine.device import resolve_device_dtype
 from lightx2v.engine.family import ModelFamily, StageSpec, register_family
 from lightx2v.engine.guidance import BatchedCFG, SequentialCFG
 from lightx2v.errors import CheckpointError, UserError
@@ -26,7 +27,6 @@ from lightx2v.ops.attention import get_attention_backend
 
 WAN_CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 VAE_TEMPORAL = 4
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # --- model classes and their defaults -----------------------------------------------------------------------------
 _DISTILL = {"denoising_step_list": [1000, 750, 500, 250], "enable_cfg": False, "sample_shift": 5.0}
@@ -68,17 +68,6 @@ FIXED_KEYS = {"text_len": 512, "patch_size": [1, 2, 2]}
 
 
 # --- what a builder reads ----------------------------------------------------------------------------------------
-
-def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={device!r} was requested but no CUDA GPU is available; use device 'cpu'")
-    if dtype == "auto":
-        dtype = "bf16" if dev.type == "cuda" else "fp32"
-    return dev, _DTYPES[dtype]
-
 
 def uses_clip(model_cls: str, task: str) -> bool:
     """Wan2.1's image tasks condition on CLIP image tokens; Wan2.2 (A14B I2V, TI2V-5B) does not."""

@@ -116,6 +116,11 @@ class WanEncoder:
         self.check_sampling(request.sampling)
 
     def check_sampling(self, s: SamplingConfig) -> None:
+        if s.aspect_ratio is not None:
+            raise UserError(f"aspect_ratio={s.aspect_ratio!r} is for image models; Wan takes height and width")
+        if s.sample_shift == "auto":
+            raise UserError("sample_shift='auto' (the checkpoint's own shift) is not available for Wan, whose "
+                            "checkpoints carry none; give a number")
         for name in ("height", "width"):
             value = getattr(s, name)
             if value % self.size_multiple:

@@ -1,0 +1,55 @@
+"""The decode stage's one interface over the full VAE, the LightVAE and the TAE, and LightX2V's file lookup."""
+
+import pytest
+import torch
+
+from lightx2v.errors import UserError
+from lightx2v.models.wan.autoencoders import (LatentAutoencoder, default_tae_file, find_weight_file,
+                                              load_latent_autoencoder)
+from lightx2v.models.wan.tae import TAE22_FILE, TAE_FILE, TAEConfig, TinyAutoencoder, save_tae
+from lightx2v.models.wan.vae import WanVAE, WanVAEConfig, save_wan_vae
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ae")
+    torch.manual_seed(0)
+    small = dict(dim_mult=(1, 2, 2, 2), num_res_blocks=1)
+    save_wan_vae(WanVAE(WanVAEConfig(base_dim=16, **small)), root / "Wan2.1_VAE.pth")
+    save_wan_vae(WanVAE(WanVAEConfig(base_dim=8, **small)), root / "lightvae.pth")  # half the widths
+    save_tae(TinyAutoencoder(TAEConfig()), root / TAE_FILE)
+    return {"vae": root / "Wan2.1_VAE.pth", "lightvae": root / "lightvae.pth", "tae": root / TAE_FILE}
+
+
+def test_one_call_for_all_three(files):
+    z = torch.randn(1, 16, 2, 4, 6)
+    video = torch.rand(1, 3, 5, 32, 48) * 2 - 1
+    for kind, path in files.items():
+        ae = load_latent_autoencoder(kind, path, z_dim=16)
+        assert isinstance(ae, LatentAutoencoder)
+        assert (ae.config.z_dim, ae.config.spatial_factor, ae.config.temporal_factor) == (16, 8, 4)
+        out = ae.decode(z.to(ae.dtype), tiling=None)
+        assert out.shape == (1, 3, 5, 32, 48) and out.dtype == ae.dtype, kind
+        assert out.min() >= -1 and out.max() <= 1
+        assert ae.encode(video, tiling=None).shape == (1, 16, 2, 4, 6), kind
+
+
+def test_latent_channel_mismatch_and_kind(files):
+    with pytest.raises(UserError, match=r"TAE for 48-channel latents \(taew2_2.pth\)"):
+        load_latent_autoencoder("tae", files["tae"], z_dim=48)
+    with pytest.raises(UserError, match="not one of vae, lightvae, tae"):
+        load_latent_autoencoder("tiny", files["tae"])
+    assert default_tae_file(48) == TAE22_FILE and default_tae_file(16) == TAE_FILE
+
+
+def test_find_weight_file_follows_lightx2v_order(tmp_path):
+    (tmp_path / "original").mkdir()
+    (tmp_path / "fp8").mkdir()
+    for p in (tmp_path / TAE_FILE, tmp_path / "original" / TAE_FILE):
+        p.write_bytes(b"")
+    assert find_weight_file(tmp_path, None, TAE_FILE, "tae_path") == tmp_path / "original" / TAE_FILE
+    (tmp_path / "fp8" / TAE_FILE).write_bytes(b"")
+    assert find_weight_file(tmp_path, None, TAE_FILE, "tae_path") == tmp_path / "fp8" / TAE_FILE
+    assert find_weight_file(tmp_path, "/x/lighttaew2_1.safetensors", TAE_FILE, "tae_path").name.startswith("light")
+    with pytest.raises(UserError, match="tae_path is not set and taew2_2.pth is in none of"):
+        find_weight_file(tmp_path, None, TAE22_FILE, "tae_path")

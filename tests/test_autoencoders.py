@@ -1,4 +1,7 @@
-"""The decode stage's one interface over the full VAE, the LightVAE and the TAE, and LightX2V's file lookup."""
+"""The decode stage's one interface over the full VAE, the LightVAE and the TAE, LightX2V's file lookup, and the
+example configs of configs/lightvae and configs/video_frame_interpolation."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +56,35 @@ def test_find_weight_file_follows_lightx2v_order(tmp_path):
     assert find_weight_file(tmp_path, "/x/lighttaew2_1.safetensors", TAE_FILE, "tae_path").name.startswith("light")
     with pytest.raises(UserError, match="tae_path is not set and taew2_2.pth is in none of"):
         find_weight_file(tmp_path, None, TAE22_FILE, "tae_path")
+
+
+# --- the example configs ----------------------------------------------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# LightX2V keys these configs use that the engine's config loader gains when the decode stage is wired
+NEW_KEYS = {"video_frame_interpolation", "use_tae", "tae_path", "need_scaled", "use_lightvae", "vae_path"}
+
+
+EXAMPLES = [*CONFIGS.glob("lightvae/*.json"), *CONFIGS.glob("video_frame_interpolation/*.json")]
+
+
+@pytest.mark.parametrize("name", sorted(p.relative_to(CONFIGS).as_posix() for p in EXAMPLES))
+def test_example_configs(name):
+    from lightx2v.config import load_config_json, normalise_keys
+    from lightx2v.models.rife import VFIConfig
+
+    raw = load_config_json(CONFIGS / name)
+    normalise_keys({k: v for k, v in raw.items() if k not in NEW_KEYS}, name)  # everything else is valid today
+    new = {k: raw[k] for k in NEW_KEYS & raw.keys()}
+    assert new, name
+    if "video_frame_interpolation" in new:
+        vfi = VFIConfig.from_dict(new["video_frame_interpolation"])
+        vfi.check_fps(raw.get("fps", 16))
+    for key in ("use_tae", "use_lightvae", "need_scaled"):
+        assert isinstance(new.get(key, False), bool)
+    if new.get("use_lightvae"):
+        assert new["vae_path"].endswith(".safetensors")
+    if new.get("use_tae"):
+        fname = Path(new["tae_path"]).name
+        assert new.get("need_scaled", False) == ("lighttae" in fname), name  # what enable_lightvae would infer
+        assert (fname == "taew2_2.pth") == (raw.get("vae_stride") == [4, 16, 16]), name

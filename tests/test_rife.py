@@ -283,6 +283,9 @@ def test_rate_and_argument_errors():
         interpolate(frames.permute(0, 3, 1, 2), 16, 32, net)
     with pytest.raises(UserError, match="batch_size=0"):
         interpolate(frames, 16, 32, net, batch_size=0)
+    with pytest.raises(UserError, match="multiples of 64"):
+        net(torch.zeros(1, 3, 96, 128), torch.zeros(1, 3, 96, 128), 0.5)
+    assert IFNetConfig().size_multiple(0.5) == 128 and IFNetConfig().size_multiple(4.0) == 16
     same, fps = interpolate(frames, 16, 16, net)
     assert fps == 16 and torch.equal(same, frames)
 

@@ -184,7 +184,8 @@ def test_time_upscaling_tgrow_rows_are_trimmed(wan21, tmp_path, latents):
     the ones a stride-1 TGrow uses, as the reference loader keeps them."""
     model, path = wan21
     sd = torch.load(path, weights_only=True)
-    sd["decoder.7.conv.weight"] = torch.cat([torch.randn_like(sd["decoder.7.conv.weight"]), sd["decoder.7.conv.weight"]])
+    grow = sd["decoder.7.conv.weight"]  # [256, 256, 1, 1]
+    sd["decoder.7.conv.weight"] = torch.cat([torch.randn_like(grow), grow])
     torch.save(sd, tmp_path / "wide.pth")
     assert torch.equal(load_tae(tmp_path / "wide.pth").decode(latents), load_tae(path).decode(latents))
 

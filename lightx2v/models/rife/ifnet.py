@@ -77,6 +77,11 @@ class IFNetConfig:
         """Later blocks: warped I0, I1 and features, t, mask logit, 8 features, flow: 3+3+2F+1+1+8+4 (28 in v4.26)."""
         return 2 * IMAGE_CHANNELS + 2 * self.feature_channels + 1 + 1 + BLOCK_FEATURES + FLOW_CHANNELS
 
+    def size_multiple(self, scale: float = 1.0) -> int:
+        """H and W must be multiples of this: the coarsest block works at 1/s_0 of the size and halves it twice
+        (64 for v4.26 at ``scale=1``; LightX2V pads to 128)."""
+        return max(1, round(4 * self.block_scales(scale)[0]))
+
     def block_scales(self, scale: float = 1.0) -> list[float]:
         """Downscaling factor of each block: [16, 8, 4, 2, 1] / scale for five blocks (the original's scale_list)."""
         n = len(self.block_channels)
@@ -167,9 +172,10 @@ class IFNet(nn.Module):
     """RIFE's flow network: (I0, I1, t) -> the frame at time t between them.
 
     ``forward(img0, img1, timestep)``: img0, img1 [B, 3, H, W] in [0, 1] with H and W multiples of
-    64 * 2^(n_blocks-5) / scale (the caller pads; :func:`lightx2v.models.rife.interpolate` pads to multiples of 128 as
-    LightX2V does), timestep [B] (or a float) in [0, 1] -> [B, 3, H, W] float32. ``f0``, ``f1``: the frames' features
-    ``encode(img)`` when the caller already has them (a frame shared by several pairs is encoded once).
+    :meth:`IFNetConfig.size_multiple` (64 for v4.26 at ``scale=1``; the caller pads:
+    :func:`lightx2v.models.rife.interpolate` pads to multiples of 128 as LightX2V does), timestep [B] (or a float)
+    in [0, 1] -> [B, 3, H, W] float32. ``f0``, ``f1``: the frames' features ``encode(img)`` when the caller already
+    has them (a frame shared by several pairs is encoded once).
     """
 
     def __init__(self, config: IFNetConfig | None = None) -> None:
@@ -196,6 +202,10 @@ class IFNet(nn.Module):
                 f0: torch.Tensor | None = None, f1: torch.Tensor | None = None) -> torch.Tensor:
         dt = self.dtype
         b, _, h, w = img0.shape
+        m = self.config.size_multiple(scale)
+        if img1.shape != img0.shape or img0.shape[1] != IMAGE_CHANNELS or h % m or w % m:
+            raise UserError(f"IFNet takes two [B, 3, H, W] frames with H and W multiples of {m} (pad them), got "
+                            f"{list(img0.shape)} and {list(img1.shape)}")
         img0, img1 = img0.to(dt), img1.to(dt)
         t = torch.as_tensor(timestep, dtype=dt, device=img0.device).reshape(-1, 1, 1, 1).expand(b, 1, h, w)
         f0 = self.encode(img0) if f0 is None else f0.to(dt)  # [B, F, H, W]

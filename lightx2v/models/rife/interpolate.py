@@ -8,10 +8,10 @@ Timing (LightX2V's ``RIFEWrapper._calculate_target_frame_positions``): a video o
 (N - 1) / fps seconds; the output has ``floor((N - 1) / fps * target_fps) + 1`` frames, frame k at time
 k / target_fps, i.e. at source position p = k * fps / target_fps. Where p is a whole number the source frame is
 copied; otherwise frames floor(p) and floor(p) + 1 are blended by RIFE at t = p - floor(p). Positions are computed
-exactly (rational arithmetic), where LightX2V's floating point sometimes lands a hair below a whole number (16 of
-121 frames at 25 -> 60 fps: frame 115 becomes RIFE(114, 115, t=0.99999999999999) instead of a copy of 115); otherwise
-the positions and counts are the same. ``target_fps = 2 * fps`` gives 2N - 1 frames: the originals at the even
-indices, RIFE's midpoints (t = 0.5) at the odd ones.
+exactly (rational arithmetic), where LightX2V's floating point sometimes lands a hair below a whole number (121
+frames at 25 -> 60 fps: output frame 276 is RIFE(114, 115, t=0.99999999999999) there, a copy of source frame 115
+here); otherwise the positions and counts are the same. ``target_fps = 2 * fps`` gives 2N - 1 frames: the originals
+at the even indices, RIFE's midpoints (t = 0.5) at the odd ones.
 """
 
 from __future__ import annotations

@@ -70,11 +70,11 @@ EXAMPLES = [*CONFIGS.glob("lightvae/*.json"), *CONFIGS.glob("video_frame_interpo
 
 @pytest.mark.parametrize("name", sorted(p.relative_to(CONFIGS).as_posix() for p in EXAMPLES))
 def test_example_configs(name):
-    from lightx2v.config import load_config_json, normalise_keys
+    from lightx2v.config import build_config, load_config_json
     from lightx2v.models.rife import VFIConfig
 
     raw = load_config_json(CONFIGS / name)
-    normalise_keys({k: v for k, v in raw.items() if k not in NEW_KEYS}, name)  # everything else is valid today
+    build_config({}, {k: v for k, v in raw.items() if k not in NEW_KEYS}, {})  # everything else is valid today
     new = {k: raw[k] for k in NEW_KEYS & raw.keys()}
     assert new, name
     if "video_frame_interpolation" in new:

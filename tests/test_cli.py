@@ -123,8 +123,11 @@ def test_shipped_configs_are_valid():
 
     from lightx2v.config import build_config, load_config_json
 
+    # LightX2V keys of configs/lightvae and configs/video_frame_interpolation that config.py does not read yet (the
+    # decode stage wires them; then drop this): test_autoencoders.py::test_example_configs checks their values.
+    pending = {"video_frame_interpolation", "use_tae", "tae_path", "need_scaled", "use_lightvae", "vae_path"}
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.json")):
-        values = load_config_json(path)
+        values = {k: v for k, v in load_config_json(path).items() if k not in pending}
         if "lora_configs" in values:  # example paths: check the rest of the file, and that the path is the problem
             with pytest.raises(UserError, match="LoRA file .* does not exist"):
                 build_config({}, values, {})

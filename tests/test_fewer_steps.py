@@ -51,7 +51,7 @@ def test_step_count_must_agree():
 
 def _count_forwards(pipe):
     calls = []
-    pipe.runner.denoise.dit.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
+    pipe.runner.transformer.dit.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
     return calls
 
 
@@ -75,7 +75,7 @@ def test_dit_original_ckpt_replaces_the_dit_weights(tmp_path):
     save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()}, str(distilled))
     base = LightX2VPipeline().create_generator(**SMALL, infer_steps=3)
     other = LightX2VPipeline().create_generator(**SMALL, infer_steps=3, dit_original_ckpt=str(distilled))
-    assert torch.equal(other.runner.denoise.dit.blocks[0].ffn[0].weight, sd["blocks.0.ffn.0.weight"])
+    assert torch.equal(other.runner.transformer.dit.blocks[0].ffn[0].weight, sd["blocks.0.ffn.0.weight"])
     _, a = base.generate(seed=1, prompt="x", return_result_tensor=True, progress=False)
     _, b = other.generate(seed=1, prompt="x", return_result_tensor=True, progress=False)
     assert (a - b).abs().max() > 1e-3

@@ -109,3 +109,18 @@ def test_tae_decode_then_rife_then_mp4_at_the_target_rate(files, tmp_path):
     back = read_video(path)
     assert back.shape == (9, 32, 48, 3)
     assert (back[0::2] - frames).abs().mean() < 0.03  # the originals survive H.264 at CRF 18
+
+
+def test_decoder_half_alone(files):
+    """The decode stage loads only the decoder half (the file still checked whole); the video is the same."""
+    z = torch.randn(1, 16, 2, 4, 6)
+    for kind, path in files.items():
+        whole = load_latent_autoencoder(kind, path)
+        half = load_latent_autoencoder(kind, path, part="decoder")
+        assert half.encoder is None and all(k.startswith(("decoder.", "conv2.")) for k in half.state_dict()), kind
+        assert torch.equal(half.decode(z), whole.decode(z)), kind
+    tae = load_latent_autoencoder("tae", files["tae"], part="decoder")
+    with pytest.raises(UserError, match="part='decoder': it has no encoder"):
+        tae.encode(torch.zeros(1, 3, 5, 32, 48))
+    enc = load_latent_autoencoder("tae", files["tae"], part="encoder")
+    assert enc.decoder is None and enc.encode(torch.zeros(1, 3, 5, 32, 48)).shape == (1, 16, 2, 4, 6)

@@ -1,6 +1,6 @@
 """Strict key checks with readable reports, for the small single-file models (RIFE, TAE, LightVAE).
 
-:func:`key_report` is :func:`lightx2v.models.wan.checkpoint.key_problems` with every group counted and cut to its
+:func:`key_report` is :func:`lightx2v.loading.key_problems` with every group counted and cut to its
 first keys, so that a wrong file (whose keys all miss) gives a message a person can read: what the model expects and
 what the file holds.
 """

@@ -19,7 +19,7 @@ import torch
 from lightx2v.errors import CheckpointError, UserError
 from lightx2v.models.rife.ifnet import IFNet, IFNetConfig
 from lightx2v.models.keys import key_report
-from lightx2v.models.wan.checkpoint import require_file, torch_load_state_dict
+from lightx2v.loading import require_file, torch_load_state_dict
 
 __all__ = ["RIFE_FILE", "DDP_PREFIX", "TRAINING_ONLY_PREFIXES", "rife_file", "ifnet_config_from_state_dict",
            "load_rife", "save_rife"]

@@ -75,27 +75,27 @@ def default_tae_file(z_dim: int) -> str:
 
 def load_latent_autoencoder(kind: str, path: str | Path, *, device: str | torch.device = "cpu",
                             dtype: torch.dtype = torch.float32, z_dim: int | None = None,
-                            need_scaled: bool | None = None) -> LatentAutoencoder:
+                            need_scaled: bool | None = None, part: str = "both") -> LatentAutoencoder:
     """Load the autoencoder of ``kind`` ("vae", "lightvae", "tae") from ``path``.
 
     ``z_dim``: the latent channels the DiT produces; a file for other latents is a UserError that says which
     autoencoder fits. ``need_scaled``: TAE only, ignored otherwise (None: from the file name, as LightX2V's
-    ``enable_lightvae``).
+    ``enable_lightvae``). ``part``: "encoder" or "decoder" loads only that half (the file is checked whole).
     """
     if kind not in AUTOENCODER_KINDS:
         raise UserError(f"autoencoder kind {kind!r} is not one of {', '.join(AUTOENCODER_KINDS)}")
     if kind == "tae":
         from lightx2v.models.wan.tae import load_tae
 
-        model = load_tae(path, need_scaled=need_scaled, device=device, dtype=dtype)
+        model = load_tae(path, need_scaled=need_scaled, device=device, dtype=dtype, part=part)
     elif kind == "lightvae":
         from lightx2v.models.wan.lightvae import load_lightvae
 
-        model = load_lightvae(path, device=device, dtype=dtype)
+        model = load_lightvae(path, device=device, dtype=dtype, part=part)
     else:
         from lightx2v.models.wan.vae import load_wan_vae
 
-        model = load_wan_vae(path, device=device, dtype=dtype)
+        model = load_wan_vae(path, device=device, dtype=dtype, part=part)
     if z_dim is not None and model.config.z_dim != z_dim:
         fits = {"tae": f"a TAE for {z_dim}-channel latents ({default_tae_file(z_dim)})",
                 "lightvae": f"a LightVAE of the {'Wan2.2' if z_dim == 48 else 'Wan2.1'} VAE",

@@ -19,7 +19,7 @@ import torch
 
 from lightx2v.errors import CheckpointError
 from lightx2v.models.keys import key_report
-from lightx2v.models.wan.checkpoint import require_file, torch_load_state_dict
+from lightx2v.loading import require_file, torch_load_state_dict
 from lightx2v.models.wan.vae import WanVAE, WanVAEConfig, load_wan_vae
 
 __all__ = ["LIGHTVAE_FILE", "LIGHTVAE_CONFIG", "read_vae_tensors", "infer_lightvae_config", "pruning_rate",
@@ -54,18 +54,19 @@ def pruning_rate(cfg: WanVAEConfig) -> float:
     return 1.0 - cfg.base_dim / full.base_dim
 
 
-def load_lightvae(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-                  ) -> WanVAE:
+def load_lightvae(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  part: str = "both") -> WanVAE:
     """Load a pruned Wan VAE from ``path``: a ``.safetensors`` or ``.pth`` file with the original Wan names, a folder
     holding ``lightvaew2_1.safetensors``, or a diffusers ``vae/`` folder (config.json with the pruned widths).
 
     The architecture comes from the tensors' shapes. Raises CheckpointError naming the expected and the found keys
-    when the file is not a Wan VAE, or when a tensor is missing, unexpected or mis-shaped.
+    when the file is not a Wan VAE, or when a tensor is missing, unexpected or mis-shaped. ``part``: "encoder" or
+    "decoder" builds and loads only that half (the file is still checked whole), as ``load_wan_vae``.
     """
     path = Path(path)
     if path.is_dir():
         if (path / "config.json").is_file():
-            return load_wan_vae(path, device=device, dtype=dtype)
+            return load_wan_vae(path, device=device, dtype=dtype, part=part)
         path = path / LIGHTVAE_FILE
     source = require_file(path, "LightVAE checkpoint (vae_path)")
     sd = read_vae_tensors(source)
@@ -78,14 +79,14 @@ def load_lightvae(path: str | Path, *, device: str | torch.device = "cpu", dtype
         raise CheckpointError(f"{source} is not a Wan VAE ({e}); against lightvaew2_1's layout (base_dim "
                               f"{LIGHTVAE_CONFIG.base_dim}): " + "; ".join(problems)) from e
     with torch.device("meta"):
-        vae = WanVAE(cfg)
-    expected = {k: v.shape for k, v in vae.state_dict().items()}
+        expected = {k: v.shape for k, v in WanVAE(cfg).state_dict().items()}
+        vae = WanVAE(cfg, part=part)
     problems = key_report(expected, sd)
     if problems:
         raise CheckpointError(f"{source} does not fit the Wan VAE its shapes describe (base_dim {cfg.base_dim}, "
                               f"decoder_base_dim {cfg.decoder_base_dim}, z_dim {cfg.z_dim}; the file holds "
                               f"{len(sd)} tensors): " + "; ".join(problems))
-    tensors = {k: sd[k].to(device=device, dtype=dtype) for k in expected}
+    tensors = {k: sd[k].to(device=device, dtype=dtype) for k in vae.state_dict()}
     result = vae.load_state_dict(tensors, strict=False, assign=True)
     assert not result.missing_keys and not result.unexpected_keys
     return vae.eval().requires_grad_(False)

@@ -43,11 +43,11 @@ import torch.nn.functional as F
 
 from lightx2v.errors import CheckpointError, UserError
 from lightx2v.models.keys import key_report
-from lightx2v.models.wan.checkpoint import require_file, torch_load_state_dict
+from lightx2v.loading import require_file, torch_load_state_dict
 from lightx2v.models.wan.vae import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
 
-__all__ = ["TAE_FILE", "TAE22_FILE", "TAEConfig", "TAEState", "TinyAutoencoder", "load_tae", "save_tae",
-           "read_tae_tensors"]
+__all__ = ["TAE_FILE", "TAE22_FILE", "TAE_PARTS", "TAEConfig", "TAEState", "TinyAutoencoder", "load_tae",
+           "save_tae", "read_tae_tensors"]
 
 TAE_FILE = "taew2_1.pth"  # LightX2V's default file name under model_path (Wan2.1, Wan2.2 A14B)
 TAE22_FILE = "taew2_2.pth"  # ... for Wan2.2 TI2V-5B
@@ -56,6 +56,7 @@ VIDEO_CHANNELS = 3
 TEMPORAL_FACTOR = 4  # two TPool/TGrow of stride 2
 SPATIAL_LEVELS = 3  # three stride-2 convs / 2x upsamplings
 DEFAULT_TIME_CHUNK = 4  # latent frames per decoder pass (x4 video frames per encoder pass)
+TAE_PARTS = ("both", "encoder", "decoder")
 _KNOWN_STATS = {16: (WAN21_LATENTS_MEAN, WAN21_LATENTS_STD), 48: (WAN22_LATENTS_MEAN, WAN22_LATENTS_STD)}
 
 
@@ -243,25 +244,28 @@ class TinyAutoencoder(nn.Module):
     """TAEHV for Wan latents behind the same calls as :class:`~lightx2v.models.wan.vae.WanVAE`:
     ``decode(normalised latents [B, z, T, h, w]) -> video [B, 3, 1 + 4(T-1), h*s, w*s] in [-1, 1]`` and
     ``encode(video in [-1, 1]) -> normalised latents``. Inputs are cast to the parameters' dtype; outputs come in
-    that dtype."""
+    that dtype. ``part``: "both", or only the "encoder" or the "decoder" for a stage that needs one half (the other
+    attribute is None)."""
 
-    def __init__(self, config: TAEConfig | None = None) -> None:
+    def __init__(self, config: TAEConfig | None = None, part: str = "both") -> None:
         super().__init__()
+        if part not in TAE_PARTS:
+            raise ValueError(f"part={part!r} must be one of {TAE_PARTS}")
         cfg = config if config is not None else TAEConfig()
-        self.config = cfg
+        self.config, self.part = cfg, part
         e, (d0, d1, d2, d3) = cfg.encoder_channels, cfg.decoder_channels
 
         def mem3(c: int) -> list[nn.Module]:
             return [MemBlock(c, c), MemBlock(c, c), MemBlock(c, c)]
 
-        self.encoder = nn.Sequential(
+        self.encoder = None if part == "decoder" else nn.Sequential(
             _conv(cfg.image_channels, e), nn.ReLU(inplace=True),
             TPool(e, 2), _conv(e, e, stride=2, bias=False), *mem3(e),
             TPool(e, 2), _conv(e, e, stride=2, bias=False), *mem3(e),
             TPool(e, 1), _conv(e, e, stride=2, bias=False), *mem3(e),
             _conv(e, cfg.latent_channels),
         )  # fmt: skip
-        self.decoder = nn.Sequential(
+        self.decoder = None if part == "encoder" else nn.Sequential(
             Clamp(), _conv(cfg.latent_channels, d0), nn.ReLU(inplace=True),
             *mem3(d0), nn.Upsample(scale_factor=2), TGrow(d0, 1), _conv(d0, d1, bias=False),
             *mem3(d1), nn.Upsample(scale_factor=2), TGrow(d1, 2), _conv(d1, d2, bias=False),
@@ -273,11 +277,15 @@ class TinyAutoencoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.decoder[1].weight.dtype
+        return next(self.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.decoder[1].weight.device
+        return next(self.parameters()).device
+
+    def _require(self, half: str) -> None:
+        if getattr(self, half) is None:
+            raise UserError(f"this TAE was loaded with part={self.part!r}: it has no {half}")
 
     def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.config.z_dim, 1, 1, 1)
@@ -294,6 +302,7 @@ class TinyAutoencoder(nn.Module):
         memory, and LightX2V applies its VAE tiling to the full VAE only.
         """
         cfg = self.config
+        self._require("decoder")
         if z.ndim != 5 or z.shape[1] != cfg.z_dim:
             raise UserError(f"latents must be [B, {cfg.z_dim}, T, h, w], got {list(z.shape)}")
         _check_chunk(time_chunk)
@@ -326,6 +335,7 @@ class TinyAutoencoder(nn.Module):
         k + 1, the full VAE's count). ``time_chunk``: latent frames per pass (4x as many video frames); ``tiling``
         is not used (see :meth:`decode`)."""
         cfg = self.config
+        self._require("encoder")
         if video.ndim != 5 or video.shape[1] != VIDEO_CHANNELS:
             raise UserError(f"video must be [B, 3, F, H, W], got {list(video.shape)}")
         _check_chunk(time_chunk)
@@ -409,13 +419,14 @@ def _trim_tgrow(sd: dict[str, torch.Tensor], model: TinyAutoencoder) -> None:
 
 
 def load_tae(path: str | Path, *, need_scaled: bool | None = None, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> TinyAutoencoder:
+             dtype: torch.dtype = torch.float32, part: str = "both") -> TinyAutoencoder:
     """Load a TAEHV for Wan latents from ``taew2_1.pth`` / ``taew2_2.pth`` / LightX2V's ``lighttaew2_*.safetensors``
     (or a folder holding taew2_1.pth or taew2_2.pth), strictly: sizes from the tensors, every missing, unexpected or
     mis-shaped tensor in one CheckpointError.
 
     ``need_scaled``: the file works on raw latents (see the module docstring); None: as LightX2V's
-    ``enable_lightvae`` decides, True when the file name contains "lighttae".
+    ``enable_lightvae`` decides, True when the file name contains "lighttae". ``part``: "encoder" or "decoder"
+    builds and loads only that half (the file is still checked whole).
     """
     source = _tae_file(path)
     if need_scaled is None:
@@ -429,15 +440,16 @@ def load_tae(path: str | Path, *, need_scaled: bool | None = None, device: str |
         problems = key_report({k: v.shape for k, v in expected.items()}, sd)
         raise CheckpointError(f"{source}: {e}; against taew2_1.pth's layout: " + "; ".join(problems)) from e
     with torch.device("meta"):
-        model = TinyAutoencoder(cfg)
-    _trim_tgrow(sd, model)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+        whole = TinyAutoencoder(cfg)
+        model = TinyAutoencoder(cfg, part=part)
+    _trim_tgrow(sd, whole)
+    expected = {k: v.shape for k, v in whole.state_dict().items()}
     problems = key_report(expected, sd)
     if problems:
         raise CheckpointError(f"{source} does not fit a TAEHV of {cfg.latent_channels} latent channels, patch "
                               f"{cfg.patch_size}, widths {cfg.encoder_channels}/{list(cfg.decoder_channels)} (the "
                               f"file holds {len(sd)} tensors): " + "; ".join(problems))
-    tensors = {k: sd[k].to(device=device, dtype=dtype) for k in expected}
+    tensors = {k: sd[k].to(device=device, dtype=dtype) for k in model.state_dict()}
     result = model.load_state_dict(tensors, strict=False, assign=True)
     assert not result.missing_keys and not result.unexpected_keys
     return model.eval().requires_grad_(False)

@@ -110,6 +110,7 @@ class GeneratorConfig:
     lora: Any = None   # lightx2v.hooks.lora.LoRAConfig (lora_configs, lora_mode)
     offload: Any = None  # lightx2v.hooks.offload.OffloadConfig (cpu_offload, offload_granularity, lazy_load)
     family: Any = None  # the model family's own section (its ModelFamily.config_section), or None
+    vfi: Any = None  # lightx2v.models.rife.VFIConfig (video_frame_interpolation), or None
 
 
 def _cache_keys() -> frozenset:
@@ -119,6 +120,7 @@ def _cache_keys() -> frozenset:
 
 
 LORA_KEYS = ("lora_configs", "lora_mode")
+VFI_KEY = "video_frame_interpolation"
 OFFLOAD_KEYS = ("cpu_offload", "offload_granularity", "lazy_load", "num_prefetch")
 
 
@@ -126,7 +128,7 @@ _SECTIONS = {"sampling": SamplingConfig, "attention": AttentionConfig, "runtime"
              "checkpoint": CheckpointConfig}
 _KEY_TO_SECTION = {f.name: sec for sec, cls in _SECTIONS.items() for f in fields(cls)}
 GENERIC_KEYS = frozenset(set(_KEY_TO_SECTION) | set(ALIASES) | set(NOT_YET) | set(IGNORED) | {"attn_mode"}
-                         | set(_cache_keys()) | set(LORA_KEYS) | set(OFFLOAD_KEYS))
+                         | set(_cache_keys()) | set(LORA_KEYS) | set(OFFLOAD_KEYS) | {VFI_KEY})
 
 
 def all_keys(family=None) -> list[str]:
@@ -225,6 +227,12 @@ def build_config(defaults: dict[str, Any], json_values: dict[str, Any], override
                                     names=family.lora_names if family is not None else None)
     from lightx2v.hooks.offload import OffloadConfig
 
+    vfi = None
+    if merged.get(VFI_KEY) is not None:
+        from lightx2v.models.rife import VFIConfig
+
+        vfi = VFIConfig.from_dict(merged.pop(VFI_KEY))
+    merged.pop(VFI_KEY, None)
     off = {k: merged.pop(k) for k in OFFLOAD_KEYS if k in merged}
     offload = OffloadConfig.from_lightx2v({k: v for k, v in off.items() if k != "num_prefetch"})
     if "num_prefetch" in off:
@@ -250,7 +258,7 @@ def build_config(defaults: dict[str, Any], json_values: dict[str, Any], override
             built = fam.config_section(**mine)
             section = built if family is not None or section is None else section
     cfg = GeneratorConfig(**{s: _SECTIONS[s](**per_section[s]) for s in _SECTIONS}, cache=cache, lora=lora,
-                          offload=offload, family=section)
+                          offload=offload, family=section, vfi=vfi)
     if offload.cpu_offload and offload.offload_granularity != "model" and cfg.runtime.use_compile:
         raise UserError("use_compile cannot be combined with block/phase cpu_offload (the offload hooks swap the "
                         "weights under the compiled graph); use one of them")

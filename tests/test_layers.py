@@ -2,7 +2,8 @@
 
     errors, validate, loading, io        the base (io: reading and writing images and videos)
     ops, schedulers                      kernels and samplers
-    models/<family> (math, checkpoints)  plain PyTorch models; models/plan.py and models/block_stack.py are shared
+    models/<family> (math, checkpoints)  plain PyTorch models; models/plan.py, models/block_stack.py and
+                                         models/rife (frame interpolation) are shared by every family
     hooks                                runtime features, reading a model's hook plan (no family's code)
     engine                               requests, messages, progress, the family registry, the runner
     models/<family>/{family,stages,convert}.py   a family's wiring: its stages and its registration
@@ -37,8 +38,8 @@ def _layer(module: str) -> str:
     if head in ("ops", "schedulers"):
         return "ops"
     if head == "models":
-        if len(parts) <= 2 and parts[-1] in ("plan", "block_stack", "models"):
-            return "shared-model"
+        if (len(parts) <= 2 and parts[-1] in ("plan", "block_stack", "models")) or parts[1:2] == ["rife"]:
+            return "shared-model"  # what every family uses (hook plans, the block stack, frame interpolation)
         if parts[-1] in {w.removesuffix(".py") for w in WIRING}:
             return "wiring"
         return "model"
@@ -55,7 +56,7 @@ ALLOWED = {  # layer -> layers it may import
     "shared-model": {"base", "shared-model"},
     "model": {"base", "ops", "shared-model", "model"},
     "hooks": {"base", "ops", "shared-model", "hooks"},
-    "engine": {"base", "ops", "engine"},
+    "engine": {"base", "ops", "shared-model", "engine"},
     "wiring": {"base", "ops", "shared-model", "model", "hooks", "engine", "wiring"},
     "top": {"base", "ops", "shared-model", "hooks", "engine", "top"},
 }

@@ -77,9 +77,21 @@ class ModelFamily:
         return dict(self.model_classes[model_cls][task])
 
     def build(self, spec: StageSpec) -> tuple[Any, Any, Any]:
+        """The three stages of one process (``build_all``'s checks across them first, where the family has one)."""
+        from lightx2v.engine.postprocess import with_postprocessing
+
         if self.build_all is not None:
-            return self.build_all(spec)
-        return self.build_encoder(spec), self.build_transformer(spec), self.build_decoder(spec)
+            encoder, transformer, decoder = self.build_all(spec)
+        else:
+            encoder, transformer, decoder = self.build_encoder(spec), self.build_transformer(spec), \
+                self.build_decoder(spec)
+        return encoder, transformer, with_postprocessing(decoder, spec.config)
+
+    def decoder(self, spec: StageSpec) -> Any:
+        """The decoder stage alone (a decoder role), with the generic frame work the config asks for."""
+        from lightx2v.engine.postprocess import with_postprocessing
+
+        return with_postprocessing(self.build_decoder(spec), spec.config)
 
 
 def register_family(family: ModelFamily) -> ModelFamily:

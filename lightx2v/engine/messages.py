@@ -69,7 +69,7 @@ class Frames:
     """The decoder's output: frames [F, H, W, 3] float32 in [0, 1] on the CPU (an image: F = 1)."""
 
     frames: torch.Tensor
-    fps: int
+    fps: float  # frames per second (frame interpolation may give a non-integer rate)
     request: dict | None = None  # the request's plain values (GenerationRequest.to_wire())
 
 

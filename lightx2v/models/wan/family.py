@@ -52,8 +52,28 @@ class WanConfig:
 
     use_image_encoder: bool | None = None  # CLIP image tokens: Wan2.1 I2V yes, Wan2.2 no
     vae_stride: tuple[int, int, int] | None = None  # [4, 8, 8] Wan2.1 VAE, [4, 16, 16] Wan2.2 VAE
+    # lightweight autoencoders (LightX2V's keys): decode with the tiny autoencoder (TAEHV taew2_1 / taew2_2, or
+    # LightX2V's lighttae), or use LightX2V's pruned Wan VAE (LightVAE) for encode and decode
+    use_tae: bool = False
+    tae_path: str | None = None  # default: taew2_1.pth / taew2_2.pth under the model folder (LightX2V's places)
+    need_scaled: bool | None = None  # TAE: it works on raw latents (z * std + mean); None: from the file name
+    use_lightvae: bool = False
+    vae_path: str | None = None  # LightVAE file (default: lightvaew2_1.safetensors under the model folder)
 
     def __post_init__(self):
+        from lightx2v.validate import check_bool
+
+        check_bool("use_tae", self.use_tae)
+        check_bool("use_lightvae", self.use_lightvae)
+        if self.need_scaled is not None:
+            check_bool("need_scaled", self.need_scaled)
+        if self.use_tae and self.use_lightvae:
+            raise UserError("use_tae and use_lightvae both set: choose one decoder (the tiny autoencoder or the "
+                            "pruned VAE)")
+        for flag, keys in (("use_tae", ("tae_path", "need_scaled")), ("use_lightvae", ("vae_path",))):
+            given = [k for k in keys if getattr(self, k) is not None]
+            if given and not getattr(self, flag):
+                raise UserError(f"{', '.join(given)} set without {flag}: true")
         if self.use_image_encoder is not None and not isinstance(self.use_image_encoder, bool):
             raise UserError(f"use_image_encoder={self.use_image_encoder!r} must be true or false")
         if self.vae_stride is not None:
@@ -171,7 +191,6 @@ def _require(root: Path, names: list[str], layout: str) -> None:
 
 def build_encoder(spec: StageSpec) -> WanEncoder:
     from lightx2v.models.wan.encoders import load_text_encoder
-    from lightx2v.models.wan.vae import load_wan_vae
 
     root, cfg = Path(spec.model_path), spec.config
     layout = detect_layout(root)
@@ -196,13 +215,10 @@ def build_encoder(spec: StageSpec) -> WanEncoder:
 
         image_slot = ComponentSlot(lambda d: load_image_encoder(root, layout, device=d, dtype=dt), dev,
                                    slot_policy(rt.clip_cpu_offload, rt.unload_modules))
-    if image_input:
-        vae_slot = ComponentSlot(lambda d: load_wan_vae(vae_file, device=d, dtype=dt, part="encoder"), dev,
-                                 slot_policy(rt.vae_cpu_offload, rt.unload_modules))
     tasks = ("t2v", "i2v") if spec.model_cls == "wan2.2" else (spec.task,)
-    if spec.model_cls == "wan2.2" and vae_slot is None:  # TI2V-5B: one model for both tasks; images per request
-        vae_slot = ComponentSlot(lambda d: load_wan_vae(vae_file, device=d, dtype=dt, part="encoder"), dev,
-                                 slot_policy(rt.vae_cpu_offload, rt.unload_modules))
+    if image_input or spec.model_cls == "wan2.2":  # TI2V-5B: one model for both tasks; images per request
+        load_vae, _ = _autoencoder(spec, layout, "encoder")
+        vae_slot = ComponentSlot(load_vae, dev, slot_policy(rt.vae_cpu_offload, rt.unload_modules))
     return WanEncoder(text_slot, dev, z_dim=vae_cfg.z_dim, vae_spatial=vae_cfg.spatial_factor,
                       size_multiple=vae_cfg.spatial_factor * dit_cfg.patch_size[1], tasks=tasks,
                       image_encoder=image_slot, vae=vae_slot, tiling=_tiling(cfg),
@@ -269,18 +285,41 @@ def build_transformer(spec: StageSpec) -> WanTransformer:
     return WanTransformer(stage_experts, dev, BatchedCFG() if batched else SequentialCFG(), cfg.cache.method)
 
 
-def build_decoder(spec: StageSpec) -> WanDecoder:
-    from lightx2v.models.wan.vae import load_wan_vae
+def _autoencoder(spec: StageSpec, layout: str, part: str):
+    """(loader(device) of the autoencoder half ``part``, its latent channels): the Wan VAE, or what WanConfig's
+    use_tae / use_lightvae name (their files are found as LightX2V finds them; the VAE's own config still fixes the
+    latent size the file must fit)."""
+    from lightx2v.models.wan.autoencoders import default_tae_file, find_weight_file, load_latent_autoencoder
+    from lightx2v.models.wan.lightvae import LIGHTVAE_FILE
 
     root, cfg = Path(spec.model_path), spec.config
-    layout = detect_layout(root)
+    dt = resolve_device_dtype(cfg.runtime.device, cfg.runtime.dtype)[1]
+    wan = cfg.family
+    if wan is not None and wan.use_tae and part == "decoder":  # the TAE decodes; encoding keeps the full VAE
+        z_dim = 48 if spec.model_cls == "wan2.2" else 16
+        path = find_weight_file(root, wan.tae_path, default_tae_file(z_dim), "tae_path")
+        return (lambda d: load_latent_autoencoder("tae", path, device=d, dtype=dt, z_dim=z_dim,
+                                                  need_scaled=wan.need_scaled, part=part)), z_dim
+    if wan is not None and wan.use_lightvae:
+        z_dim = 48 if spec.model_cls == "wan2.2" else 16
+        path = find_weight_file(root, wan.vae_path, LIGHTVAE_FILE, "vae_path")
+        return (lambda d: load_latent_autoencoder("lightvae", path, device=d, dtype=dt, z_dim=z_dim,
+                                                  part=part)), z_dim
+    from lightx2v.models.wan.vae import load_wan_vae
+
     vae_file, vae_cfg = _vae_config(spec, layout)
     _require(root, [str(vae_file.relative_to(root)) if layout == "wan" else "vae/config.json"], layout)
-    dev, dt = resolve_device_dtype(cfg.runtime.device, cfg.runtime.dtype)
+    return (lambda d: load_wan_vae(vae_file, device=d, dtype=dt, part=part)), vae_cfg.z_dim
+
+
+def build_decoder(spec: StageSpec) -> WanDecoder:
+    root, cfg = Path(spec.model_path), spec.config
+    layout = detect_layout(root)
+    load, z_dim = _autoencoder(spec, layout, "decoder")
+    dev = resolve_device_dtype(cfg.runtime.device, cfg.runtime.dtype)[0]
     rt = cfg.runtime
-    slot = ComponentSlot(lambda d: load_wan_vae(vae_file, device=d, dtype=dt, part="decoder"), dev,
-                         slot_policy(rt.vae_cpu_offload, rt.unload_modules))
-    return WanDecoder(slot, dev, _tiling(cfg), z_dim=vae_cfg.z_dim)
+    slot = ComponentSlot(load, dev, slot_policy(rt.vae_cpu_offload, rt.unload_modules))
+    return WanDecoder(slot, dev, _tiling(cfg), z_dim=z_dim)
 
 
 def build_all(spec: StageSpec):

@@ -7,7 +7,8 @@ which shifts them (``s -> shift * s / (1 + (shift - 1) * s)``, in float32), appe
 LightX2V's step-distilled HunyuanVideo-1.5 (``denoising_step_list``, e.g. [1000, 750, 500, 250]) evaluates the
 1000-point schedule ``1 - i/1000`` shifted by ``sample_shift`` at the listed training timesteps and updates
 ``x0 = x - sigma * v; x <- x0 + sigma_next * v`` (no fresh noise), i.e. the same Euler step on the sigmas
-``1 - step/1000`` (here: [1.0, 0.75, 0.5, 0.25]) shifted in the same way. Both cases are :class:`FlowSigmaEuler`;
+``step / 1000`` (here: [1.0, 0.75, 0.5, 0.25]) shifted in the same way (table entry ``1000 - step`` is
+``1 - (1000 - step) / 1000``). Both cases are :class:`FlowSigmaEuler`;
 only the sigma list differs (:func:`default_sigmas`, :func:`distilled_sigmas`).
 
 lightx2v/schedulers/euler.py is diffusers' *default* schedule (one that shifts the end point twice); this one takes the
@@ -32,10 +33,10 @@ def default_sigmas(num_steps: int) -> np.ndarray:
 
 
 def distilled_sigmas(denoising_step_list) -> np.ndarray:
-    """Unshifted sigmas of a step-distilled model: ``1 - t / 1000`` for each listed training timestep ``t``."""
+    """Unshifted sigmas of a step-distilled model: ``t / 1000`` for each listed training timestep ``t``."""
     steps = check_step_list(list(denoising_step_list) if isinstance(denoising_step_list, tuple)
                             else denoising_step_list, NUM_TRAIN_TIMESTEPS)
-    return 1.0 - np.asarray(steps, dtype=np.float64) / NUM_TRAIN_TIMESTEPS
+    return np.asarray(steps, dtype=np.float64) / NUM_TRAIN_TIMESTEPS
 
 
 class FlowSigmaEuler:

@@ -81,6 +81,13 @@ def build_tiny_qwen_tokenizer(folder) -> "object":
     return loaded
 
 
+def tiny_qwen_config(tokenizer):
+    from transformers import Qwen2_5_VLTextConfig
+
+    return Qwen2_5_VLTextConfig(vocab_size=len(tokenizer), bos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), **TINY_QWEN)
+
+
 def build_tiny_byt5_tokenizer(folder):
     from transformers import ByT5Tokenizer
 
@@ -116,7 +123,7 @@ def _save_hf(model, folder: Path) -> None:
 
 def write_tiny_model(folder, task: str = "t2v", layout: str = "diffusers", seed: int = 20260115) -> Path:
     """Write the tiny model for ``task`` ("t2v" or "i2v": the I2V one adds SigLIP) in ``layout``; returns ``folder``."""
-    from transformers import (Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, SiglipImageProcessor, SiglipVisionConfig,
+    from transformers import (Qwen2_5_VLTextModel, SiglipImageProcessor, SiglipVisionConfig,
                               SiglipVisionModel, T5Config, T5EncoderModel)
 
     from lightx2v.models.hunyuan_video_15.checkpoint import save_dit, save_vae
@@ -141,7 +148,7 @@ def write_tiny_model(folder, task: str = "t2v", layout: str = "diffusers", seed:
 
     tmp_tok = folder / ".tok"
     qwen_tok = build_tiny_qwen_tokenizer(tmp_tok / "qwen")
-    qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(vocab_size=len(qwen_tok), **TINY_QWEN))
+    qwen = Qwen2_5_VLTextModel(tiny_qwen_config(qwen_tok))
     byt5_tok = build_tiny_byt5_tokenizer(tmp_tok / "byt5")
     byt5 = T5EncoderModel(T5Config(vocab_size=len(byt5_tok), **TINY_BYT5))
     for m in (qwen, byt5):

@@ -104,14 +104,17 @@ class HunyuanVideo15DiTConfig:
                       "use_attention_mask": True, "use_cond_type_embedding": True, "vision_projection": "linear",
                       "is_reshape_temporal_channels": False, "text_states_dim_2": None, "text_pool_type": None}
     _RELEASE_IGNORED = ("_class_name", "_diffusers_version", "attn_mode", "attn_param")
+    # "target_size" is not a release key: lightx2v writes it (instead of ideal_resolution) for sizes the release has
+    # no name for, i.e. its built-in tiny model
     _RELEASE_SIZES = ("hidden_size", "heads_num", "mm_double_blocks_depth", "in_channels", "out_channels",
                       "patch_size", "rope_dim_list", "rope_theta", "mlp_width_ratio", "text_states_dim",
-                      "vision_states_dim", "ideal_resolution", "ideal_task", "use_meanflow")
+                      "vision_states_dim", "ideal_resolution", "ideal_task", "use_meanflow", "target_size")
 
     @classmethod
-    def from_release_config(cls, d: dict) -> "HunyuanVideo15DiTConfig":
+    def from_release_config(cls, d: dict, shapes: dict | None = None) -> "HunyuanVideo15DiTConfig":
         """The release's ``transformer/<name>/config.json`` (keys as in ``HunyuanVideo_1_5_DiffusionTransformer``).
-        The token refiner depth (2) and the ByT5 width (1472) are not in it; they are the release's fixed values."""
+        The token refiner depth and the ByT5 width are not in it: they are read from ``shapes`` (tensor name ->
+        shape of the checkpoint, e.g. from the safetensors headers), else the release's values (2, 1472)."""
         unknown = sorted(set(d) - set(cls._RELEASE_FIXED) - set(cls._RELEASE_IGNORED) - set(cls._RELEASE_SIZES))
         if unknown:
             raise CheckpointError(f"unknown keys in the HunyuanVideo-1.5 transformer config.json: {unknown}")
@@ -132,33 +135,36 @@ class HunyuanVideo15DiTConfig:
             if resolution not in TARGET_SIZES:
                 raise CheckpointError(f"transformer config.json: ideal_resolution {resolution!r} is not one of "
                                       f"{', '.join(TARGET_SIZES)}")
+            target_size = int(d.get("target_size", TARGET_SIZES[resolution]))
+            shapes = shapes or {}
+            refiner = {int(m.group(1)) for k in shapes
+                       if (m := re.match(r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.", k))}
+            byt5 = shapes.get("byt5_in.layernorm.weight")
             return cls(in_channels=2 * latent + 1, out_channels=latent, num_attention_heads=heads,
                        attention_head_dim=hidden // heads, num_layers=int(d["mm_double_blocks_depth"]),
-                       num_refiner_layers=2, mlp_ratio=float(d.get("mlp_width_ratio", 4.0)), patch_size=patch[1],
+                       num_refiner_layers=max(refiner) + 1 if refiner else 2,
+                       mlp_ratio=float(d.get("mlp_width_ratio", 4.0)), patch_size=patch[1],
                        patch_size_t=patch[0], text_embed_dim=int(d.get("text_states_dim", 3584)),
-                       text_embed_2_dim=1472, image_embed_dim=int(d.get("vision_states_dim", 1152)),
+                       text_embed_2_dim=int(byt5[0]) if byt5 else 1472,
+                       image_embed_dim=int(d.get("vision_states_dim", 1152)),
                        rope_theta=float(d.get("rope_theta", 256)),
                        rope_axes_dim=tuple(d.get("rope_dim_list", (16, 56, 56))),
-                       target_size=TARGET_SIZES[resolution], task_type=d.get("ideal_task", "t2v"),
+                       target_size=target_size, task_type=d.get("ideal_task", "t2v"),
                        use_meanflow=bool(d.get("use_meanflow", False)))
         except KeyError as e:
             raise CheckpointError(f"HunyuanVideo-1.5 transformer config.json lacks the key {e.args[0]!r}") from None
 
     def to_release_config(self) -> dict:
         resolution = {v: k for k, v in TARGET_SIZES.items()}.get(self.target_size)
-        if resolution is None:
-            raise CheckpointError(f"target_size {self.target_size} has no release resolution name "
-                                  f"({', '.join(f'{k}={v}' for k, v in TARGET_SIZES.items())})")
-        if self.num_refiner_layers != 2 or self.text_embed_2_dim != 1472:
-            raise CheckpointError("the release config cannot describe num_refiner_layers != 2 or a ByT5 width != 1472")
+        size = {"ideal_resolution": resolution} if resolution else {"target_size": self.target_size}
         return {"_class_name": "HunyuanVideo_1_5_DiffusionTransformer", **self._RELEASE_FIXED,
                 "hidden_size": self.inner_dim, "heads_num": self.num_attention_heads,
                 "mm_double_blocks_depth": self.num_layers, "in_channels": self.out_channels,
                 "out_channels": self.out_channels, "patch_size": [self.patch_size_t, self.patch_size, self.patch_size],
                 "rope_dim_list": list(self.rope_axes_dim), "rope_theta": self.rope_theta,
                 "mlp_width_ratio": self.mlp_ratio, "text_states_dim": self.text_embed_dim,
-                "vision_states_dim": self.image_embed_dim, "ideal_resolution": resolution,
-                "ideal_task": self.task_type, "use_meanflow": self.use_meanflow}
+                "vision_states_dim": self.image_embed_dim, **size, "ideal_task": self.task_type,
+                "use_meanflow": self.use_meanflow}
 
 
 @dataclass(frozen=True)

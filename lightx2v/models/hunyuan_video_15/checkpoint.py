@@ -239,12 +239,23 @@ def dit_weight_files(folder: Path, layout: str) -> list[Path]:
     return files
 
 
+def weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from safetensors headers (no tensor is read)."""
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for k in sf.keys():
+                shapes[k] = tuple(sf.get_slice(k).get_shape())
+    return shapes
+
+
 def read_dit_config(model_path, layout: str, transformer_model_name: str | None = None) -> HunyuanVideo15DiTConfig:
+    """The DiT's sizes; for the release also from its tensor shapes (refiner depth, ByT5 width: not in its config)."""
     folder = dit_folder(model_path, layout, transformer_model_name)
     d = read_json(folder / "config.json", "DiT config")
     if layout == "diffusers":
         return HunyuanVideo15DiTConfig.from_diffusers_config(d)
-    return HunyuanVideo15DiTConfig.from_release_config(d)
+    return HunyuanVideo15DiTConfig.from_release_config(d, weight_shapes(dit_weight_files(folder, layout)))
 
 
 def _file_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

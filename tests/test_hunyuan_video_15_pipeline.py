@@ -151,7 +151,8 @@ def test_i2v_matches_diffusers(i2v):
     assert maxdiff(ours(replace(req, seed=1))[0], want) > MOVED
 
 
-def test_stage_isolation(i2v, monkeypatch):
+@pytest.mark.parametrize("layout", ["diffusers", "release"])
+def test_stage_isolation(i2v, layout, tmp_path, monkeypatch):
     """Each stage reads only its own files: recorded through every way our loaders open weights."""
     import safetensors
     import safetensors.torch
@@ -159,7 +160,15 @@ def test_stage_isolation(i2v, monkeypatch):
     import lightx2v.models.hunyuan_video_15.checkpoint as ck
     import lightx2v.models.wan.checkpoint as wck
 
-    folder = i2v[0]
+    if layout == "diffusers":
+        folder, options = i2v[0], None
+        text, image, dit_file = {"text_encoder", "text_encoder_2"}, {"image_encoder"}, \
+            i2v[0] / "transformer" / "diffusion_pytorch_model.safetensors"
+    else:
+        folder = tiny.write_tiny_model(tmp_path / "r", "i2v", "release")
+        options = HunyuanVideo15Options(transformer_model_name="480p_i2v")
+        text, image = {"text_encoder"}, {"vision_encoder"}
+        dit_file = folder / "transformer" / "480p_i2v" / "diffusion_pytorch_model.safetensors"
     opened: list[str] = []
     real_open, real_load = safetensors.safe_open, torch.load
 
@@ -180,16 +189,19 @@ def test_stage_isolation(i2v, monkeypatch):
         opened.clear()
         return out
 
-    enc = HunyuanVideo15Encoder(folder, preload_i2v=True)
-    assert tops() == {"text_encoder", "text_encoder_2", "image_encoder", "vae"}
+    enc = HunyuanVideo15Encoder(folder, options=options, preload_i2v=True)
+    assert tops() == text | image | {"vae"}
     assert enc.vae.decoder is None  # the VAE decoder's tensors are skipped unread
-    t2v_enc = HunyuanVideo15Encoder(folder)
-    assert tops() == {"text_encoder", "text_encoder_2"} and t2v_enc.image_encoder is None
-    dit = HunyuanVideo15Transformer(folder)
+    t2v_enc = HunyuanVideo15Encoder(folder, options=options)
+    assert tops() == text and t2v_enc.image_encoder is None
+    dit = HunyuanVideo15Transformer(folder, options=options)
     assert tops() == {"transformer"}
-    with real_open(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
-        assert set(dit.dit.state_dict()) == set(f.keys())  # the DiT holds its checkpoint's tensors and no others
-    dec = HunyuanVideo15Decoder(folder)
+    with real_open(str(dit_file), "pt") as f:  # the DiT holds its checkpoint's tensors and no others
+        names = set(f.keys())
+    if layout == "release":
+        names = {k for k, _ in ck.dit_tensors_from_release((n, torch.zeros(3)) for n in names)}
+    assert set(dit.dit.state_dict()) == names
+    dec = HunyuanVideo15Decoder(folder, options=options)
     assert tops() == {"vae"} and dec.vae.encoder is None
 
 

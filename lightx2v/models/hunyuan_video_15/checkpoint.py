@@ -249,13 +249,16 @@ def weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def read_dit_config(model_path, layout: str, transformer_model_name: str | None = None) -> HunyuanVideo15DiTConfig:
-    """The DiT's sizes; for the release also from its tensor shapes (refiner depth, ByT5 width: not in its config)."""
+def read_dit_config(model_path, layout: str, transformer_model_name: str | None = None,
+                    with_shapes: bool = True) -> HunyuanVideo15DiTConfig:
+    """The DiT's sizes; for the release also from its tensor shapes (refiner depth, ByT5 width: not in its config;
+    ``with_shapes=False`` reads config.json alone, for stages that need only the output-size settings)."""
     folder = dit_folder(model_path, layout, transformer_model_name)
     d = read_json(folder / "config.json", "DiT config")
     if layout == "diffusers":
         return HunyuanVideo15DiTConfig.from_diffusers_config(d)
-    return HunyuanVideo15DiTConfig.from_release_config(d, weight_shapes(dit_weight_files(folder, layout)))
+    shapes = weight_shapes(dit_weight_files(folder, layout)) if with_shapes else None
+    return HunyuanVideo15DiTConfig.from_release_config(d, shapes)
 
 
 def _file_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -161,11 +161,12 @@ class HunyuanVideo15Encoded:
     negative_prompt_embeds_2: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None  # I2V: [1, Li, 1152] SigLIP
     image_latents: torch.Tensor | None = None  # I2V: [1, 32, 1, h, w] normalised VAE latents of the image
-    extra: dict = field(default_factory=dict)
 
 
-def _dtype_for_device(dtype, device) -> torch.dtype:
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+def _check_dtype(dtype) -> torch.dtype:
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UserError(f"dtype {dtype!r} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+    return dtype
 
 
 class HunyuanVideo15Encoder:
@@ -174,10 +175,11 @@ class HunyuanVideo15Encoder:
 
     def __init__(self, model_path, device="cpu", dtype=torch.float32, options: HunyuanVideo15Options | None = None,
                  preload_i2v: bool = False):
-        self.model_path, self.device, self.dtype = model_path, torch.device(device), _dtype_for_device(dtype, device)
+        self.model_path, self.device, self.dtype = model_path, torch.device(device), _check_dtype(dtype)
         self.options = options or HunyuanVideo15Options()
         self.layout = detect_layout(model_path)
-        self.dit_cfg = read_dit_config(model_path, self.layout, self.options.transformer_model_name)
+        # config.json only (target_size, latent width); the DiT's weights are the transformer stage's
+        self.dit_cfg = read_dit_config(model_path, self.layout, self.options.transformer_model_name, with_shapes=False)
         self.vae_cfg = read_vae_config(model_path, self.layout)
         self.defaults = sampling_defaults(model_path, self.layout, self.options.transformer_model_name)
         self.text = load_qwen_text_encoder(model_path, self.layout, device=self.device, dtype=self.dtype)
@@ -255,7 +257,7 @@ class HunyuanVideo15Transformer:
     def __init__(self, model_path, device="cpu", dtype=torch.float32, options: HunyuanVideo15Options | None = None):
         from lightx2v.ops.attention import get_attention_backend
 
-        self.device, self.dtype = torch.device(device), _dtype_for_device(dtype, device)
+        self.device, self.dtype = torch.device(device), _check_dtype(dtype)
         self.options = options or HunyuanVideo15Options()
         layout = detect_layout(model_path)
         cfg = read_dit_config(model_path, layout, self.options.transformer_model_name)
@@ -313,7 +315,7 @@ class HunyuanVideo15Decoder:
     """The VAE decoder; loads only the decoder half of the VAE."""
 
     def __init__(self, model_path, device="cpu", dtype=torch.float32, options: HunyuanVideo15Options | None = None):
-        self.device, self.dtype = torch.device(device), _dtype_for_device(dtype, device)
+        self.device, self.dtype = torch.device(device), _check_dtype(dtype)
         self.options = options or HunyuanVideo15Options()
         self.vae = load_vae(model_path, detect_layout(model_path), device=self.device, dtype=self.dtype,
                             parts=("decoder",))

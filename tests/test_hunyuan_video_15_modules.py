@@ -269,3 +269,53 @@ def test_sampler_matches_diffusers_scheduler():
     table = 5.0 * table / (1 + 4.0 * table)
     ours = FlowSigmaEuler(distilled_sigmas([1000, 750, 500, 250]), 5.0)
     assert torch.allclose(ours.sigmas[:-1], table[[0, 250, 500, 750]], atol=1e-6)
+
+
+def test_release_text_encoders(tmp_path):
+    """The release's text encoders: the whole Qwen2.5-VL checkpoint (vision tower and LM head skipped) in
+    text_encoder/llm/, and Glyph-SDXL-v2's ByT5 weights (a ``state_dict`` with ``module.text_tower.encoder.`` names and
+    a vocabulary grown by its colour / font tokens) beside text_encoder/byt5-small/."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel
+
+    from lightx2v.models.hunyuan_video_15.checkpoint import load_glyph_encoder, load_qwen_text_encoder
+
+    tok = tiny.build_tiny_qwen_tokenizer(tmp_path / "tok")
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0])
+    vl = ref.randomise(Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(text_config=tiny.tiny_qwen_config(tok).to_dict(), vision_config=vision)), 7)
+    llm = tmp_path / "text_encoder" / "llm"
+    vl.save_pretrained(str(llm))
+    tok.save_pretrained(str(llm))
+    qwen = load_qwen_text_encoder(tmp_path, "release")
+    ids = tok("a cat walks", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = vl.model.language_model(input_ids=ids, output_hidden_states=True).hidden_states[-3]
+        assert rel(qwen.model(input_ids=ids, output_hidden_states=True).hidden_states[-3], want) <= TOL
+
+    base, glyph = tmp_path / "text_encoder" / "byt5-small", tmp_path / "text_encoder" / "Glyph-SDXL-v2"
+    byt5_tok = tiny.build_tiny_byt5_tokenizer(base)
+    (glyph / "assets").mkdir(parents=True)
+    (glyph / "checkpoints").mkdir()
+    (glyph / "assets" / "color_idx.json").write_text('{"red": 0, "blue": 1}')
+    (glyph / "assets" / "multilingual_10-lang_idx.json").write_text('{"en-Roboto": 0, "zh-Kai": 1}')
+    t5 = ref.randomise(T5EncoderModel(T5Config(vocab_size=len(byt5_tok) + 4, **tiny.TINY_BYT5)), 8)
+    T5Config(vocab_size=384, **tiny.TINY_BYT5).save_pretrained(str(base))  # byt5-small's own vocabulary size
+    stack = {f"module.text_tower.encoder.{k[len('encoder.'):]}": v for k, v in t5.state_dict().items()
+             if k.startswith("encoder.")}
+    torch.save({"state_dict": stack}, str(glyph / "checkpoints" / "byt5_model.pt"))
+    enc = load_glyph_encoder(tmp_path, "release")
+    assert enc.tokenizer.convert_tokens_to_ids("<en-font-0>") == len(byt5_tok) + 2  # colours first, then fonts
+    prompt = 'a sign that says "OPEN <color-1>"'
+    got, mask = enc.encode_padded(prompt)
+    from diffusers import HunyuanVideo15Pipeline
+
+    want, want_mask = HunyuanVideo15Pipeline._get_byt5_prompt_embeds(enc.tokenizer, t5, prompt, torch.device("cpu"))
+    assert torch.equal(mask, want_mask) and rel(got, want) <= TOL
+    assert int(mask.sum()) < len(glyph_text_of(prompt)) + 2  # <color-1> is one token, not 9 bytes
+
+
+def glyph_text_of(prompt):
+    from lightx2v.models.hunyuan_video_15.text_encoder import glyph_text
+
+    return glyph_text(prompt)

@@ -382,12 +382,20 @@ class HunyuanVideo15DiT(nn.Module):
         temb = self.time_embed(t, t_r)
         x = self.x_embedder(latents.to(self.x_embedder.proj.weight.dtype))
         c = self.condition_tokens(t, text, glyph, image)
-        for block in self.transformer_blocks:
-            x, c = block(x, c, temb, cos, sin)
+        x, c = self.run_blocks(x, c, temb, cos, sin)
         x = self.proj_out(self.norm_out(x, temb))
         # [B, T*H*W, C*pt*p*p] -> [B, C, T*pt, H*p, W*p]
         x = x.reshape(b, *grid, -1, pt, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return x.reshape(b, cfg.out_channels, grid[0] * pt, grid[1] * p, grid[2] * p)
+
+
+    def run_blocks(self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dual-stream block stack: video ``[B, Lv, C]`` and condition ``[B, Lc, C]`` tokens in and out (the
+        unit that feature caching skips and block offload streams; hooks replace this method on the instance)."""
+        for block in self.transformer_blocks:
+            x, c = block(x, c, temb, cos, sin)
+        return x, c
 
 
 def valid_tokens(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from os import PathLike
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -122,6 +123,20 @@ class HunyuanVideo15Options:
     dit_original_ckpt: str | None = None  # one safetensors file with the DiT weights (e.g. a step-distilled DiT)
     use_tiling_vae: bool = False  # VAE encode/decode in 256 px tiles (diffusers' enable_tiling)
     vae_tile_size: int = 256
+
+    def __post_init__(self):
+        if not isinstance(self.attn_mode, str):
+            raise UserError(f"attn_mode={self.attn_mode!r} must be the name of an attention backend")
+        if self.transformer_model_name is not None:
+            from lightx2v.models.hunyuan_video_15.arch import parse_transformer_model_name
+
+            parse_transformer_model_name(self.transformer_model_name)
+        if self.dit_original_ckpt is not None and not isinstance(self.dit_original_ckpt, (str, PathLike)):
+            raise UserError(f"dit_original_ckpt={self.dit_original_ckpt!r} must be a path to a .safetensors file")
+        if not isinstance(self.use_tiling_vae, bool):
+            raise UserError(f"use_tiling_vae={self.use_tiling_vae!r} must be true or false")
+        if not _is_int(self.vae_tile_size) or self.vae_tile_size < 32 or self.vae_tile_size % 16:
+            raise UserError(f"vae_tile_size={self.vae_tile_size!r} must be a multiple of 16, at least 32")
 
 
 @dataclass(frozen=True)
@@ -277,6 +292,9 @@ class HunyuanVideo15Transformer:
                 on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """-> denoised latents ``[1, 32, T, h, w]`` in the DiT's dtype."""
         dit, dtype, dev = self.dit, self.dtype, self.device
+        if encoded.latent_shape[0] != dit.cfg.out_channels:
+            raise UserError(f"the VAE's {encoded.latent_shape[0]} latent channels do not fit this DiT's "
+                            f"{dit.cfg.out_channels}")
         sampling = encoded.sampling
         sched = FlowSigmaEuler(sampling.sigmas, sampling.sample_shift)
         latents = self.initial_noise(encoded, request.seed)

@@ -283,3 +283,29 @@ def test_tiny_model_release_and_diffusers_layouts(tmp_path):
     assert maxdiff(ours_d, want) <= TOL
     with pytest.raises(UserError, match="transformer_model_name"):
         HunyuanVideo15Transformer(rfolder, options=HunyuanVideo15Options(transformer_model_name="720p_i2v"))
+
+
+def test_i2v_meanflow_dit_matches_diffusers(i2v, tmp_path):
+    """A MeanFlow DiT (use_meanflow: the release's step-distilled I2V models) also gets the next timestep, 0 after the
+    last step, as diffusers' I2V pipeline gives it."""
+    folder, pipe, _ = i2v
+    meanflow = ref.diffusers_dit("i2v", seed=13, use_meanflow=True)
+    copy = tmp_path / "meanflow"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("transformer"))
+    meanflow.save_pretrained(str(copy / "transformer"))
+    image = picture(64, 80, seed=6)
+    base = pipe.transformer
+    pipe.transformer = meanflow
+    try:
+        want = ref.run_diffusers(pipe, ref.OTHER_PROMPT, image=image, num_frames=FRAMES, num_inference_steps=STEPS)
+    finally:
+        pipe.transformer = base
+    req = HunyuanVideo15Request(prompt=ref.OTHER_PROMPT, task="i2v", image=image, num_frames=FRAMES,
+                                infer_steps=STEPS)
+    got = generate(copy, req)
+    assert maxdiff(got, want) <= TOL
+    with torch.no_grad():  # without the second time embedding the result is another one
+        meanflow.time_embed.timestep_embedder_r.linear_2.weight.zero_()
+        meanflow.time_embed.timestep_embedder_r.linear_2.bias.zero_()
+    meanflow.save_pretrained(str(copy / "transformer"))
+    assert maxdiff(generate(copy, req), want) > MOVED

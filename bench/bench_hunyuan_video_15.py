@@ -38,7 +38,7 @@ from lightx2v.models.hunyuan_video_15.arch import (HunyuanVideo15DiTConfig, Huny
                                                     closest_bucket)
 from lightx2v.models.hunyuan_video_15.dit import HunyuanVideo15DiT  # noqa: E402
 from lightx2v.models.hunyuan_video_15.vae import HunyuanVideo15VAE, VAETiling  # noqa: E402
-from lightx2v.models.wan.checkpoint import assign_strict  # noqa: E402
+from lightx2v.models.hunyuan_video_15.checkpoint import assign_strict  # noqa: E402
 from lightx2v.ops.attention import get_attention_backend  # noqa: E402
 
 # resolution: (frames, bucket base size); sizes are the 16:9 buckets the pipelines pick

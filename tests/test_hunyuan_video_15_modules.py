@@ -16,7 +16,7 @@ import hunyuan15_reference as ref
 from lightx2v.models.hunyuan_video_15 import tiny
 from lightx2v.models.hunyuan_video_15.arch import HunyuanVideo15DiTConfig, closest_bucket
 from lightx2v.models.hunyuan_video_15.dit import HunyuanVideo15DiT, valid_tokens
-from lightx2v.models.wan.checkpoint import assign_strict
+from lightx2v.models.hunyuan_video_15.checkpoint import assign_strict
 from lightx2v.ops.attention import get_attention_backend
 
 TOL = 1e-4

@@ -157,8 +157,11 @@ def test_stage_isolation(i2v, layout, tmp_path, monkeypatch):
     import safetensors
     import safetensors.torch
 
+    import sys
+
     import lightx2v.models.hunyuan_video_15.checkpoint as ck
-    import lightx2v.models.wan.checkpoint as wck
+
+    helpers = sys.modules[ck.iter_safetensors.__module__]  # where the shared loading helpers live
 
     if layout == "diffusers":
         folder, options = i2v[0], None
@@ -180,7 +183,7 @@ def test_stage_isolation(i2v, layout, tmp_path, monkeypatch):
         opened.append(str(path))
         return real_load(path, *a, **k)
 
-    for mod in (safetensors, safetensors.torch, ck, wck):
+    for mod in (safetensors, safetensors.torch, ck, helpers):
         monkeypatch.setattr(mod, "safe_open", rec_open, raising=False)
     monkeypatch.setattr(torch, "load", rec_load)
 

@@ -36,8 +36,14 @@ from safetensors.torch import save_file
 from lightx2v.errors import CheckpointError, UserError
 from lightx2v.models.hunyuan_video_15.arch import (HunyuanVideo15DiTConfig, HunyuanVideo15VAEConfig,
                                                     parse_transformer_model_name)
+# the shared strict-loading helpers (the only import from outside this family's package; they move to
+# lightx2v/loading.py with the engine redesign)
 from lightx2v.models.wan.checkpoint import (assign_strict, check_present, iter_safetensors, key_problems, read_json,
-                                            read_safetensors_dir, require_file, torch_load_state_dict)
+                                            read_safetensors_dir, require_file, safetensors_files)
+
+__all__ = ["assign_strict", "detect_layout", "load_dit", "load_vae", "load_qwen_text_encoder", "load_glyph_encoder",
+           "load_image_encoder", "sampling_defaults", "save_dit", "save_vae", "dit_tensors_from_release",
+           "dit_state_dict_to_release", "vae_key_from_release", "vae_key_to_release"]
 
 LAYOUTS = ("diffusers", "release")
 DIT_WEIGHTS = "diffusion_pytorch_model"
@@ -230,8 +236,6 @@ def _is_release_dit_key(key: str) -> bool:
 
 def dit_weight_files(folder: Path, layout: str) -> list[Path]:
     if layout == "diffusers":
-        from lightx2v.models.wan.checkpoint import safetensors_files
-
         return safetensors_files(folder, DIT_WEIGHTS)
     files = sorted(folder.glob("*.safetensors"))
     if not files:

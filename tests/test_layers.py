@@ -16,7 +16,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "lightx2v"
-WIRING = {"family.py", "stages.py", "convert.py"}
+WIRING = {"family.py", "stages.py", "convert.py"}  # a family's wiring (stages.py: when it uses the engine)
 
 
 def _imports(path: Path) -> set[str]:
@@ -40,7 +40,7 @@ def _layer(module: str) -> str:
     if head == "models":
         if (len(parts) <= 2 and parts[-1] in ("plan", "block_stack", "models")) or parts[1:2] == ["rife"]:
             return "shared-model"  # what every family uses (hook plans, the block stack, frame interpolation)
-        if parts[-1] in {w.removesuffix(".py") for w in WIRING}:
+        if parts[-1] in {w.removesuffix(".py") for w in WIRING} and module in _wiring_modules():
             return "wiring"
         return "model"
     if head == "hooks":
@@ -60,6 +60,17 @@ ALLOWED = {  # layer -> layers it may import
     "wiring": {"base", "ops", "shared-model", "model", "hooks", "engine", "wiring"},
     "top": {"base", "ops", "shared-model", "hooks", "engine", "top"},
 }
+
+
+def _wiring_modules() -> set[str]:
+    """family.py and convert.py of every family, and a stages.py that builds on the engine (Wan's); a stages.py of
+    plain stage classes (Z-Image's, HunyuanVideo's) is model code like the rest of the family."""
+    out = set()
+    for path in PKG.glob("models/*/*.py"):
+        if path.name in WIRING and (path.name != "stages.py"
+                                    or any(m.startswith(("lightx2v.engine", "lightx2v.hooks")) for m in _imports(path))):
+            out.add(_module_of(path))
+    return out
 
 
 def _module_of(path: Path) -> str:

@@ -29,11 +29,15 @@ from lightx2v.ops.attention.cudnn_fe import CudnnSdpa, cudnn_frontend_available
 from lightx2v.ops.attention.flash import (flash_attn2_attention, flash_attn2_available, flash_attn3_attention,
                                           flash_attn3_available, flash_attn3_check, flash_attn3_fp8_attention,
                                           flash_attn4_attention, flash_attn4_available)
-from lightx2v.ops.attention.names import APPROXIMATE, EXACT, NAME_TABLE, SPARSE, AttentionName  # noqa: F401
-from lightx2v.ops.attention.radial import RadialAttention, RadialSettings, TokenGrid  # noqa: F401
+from lightx2v.ops.attention.names import APPROXIMATE, EXACT, NAME_TABLE, SPARSE, AttentionName
+from lightx2v.ops.attention.radial import RadialAttention, RadialSettings, TokenGrid
 from lightx2v.ops.attention.torch_sdpa import torch_sdpa_attention
 
 log = logging.getLogger("lightx2v")
+
+__all__ = ["AttentionBackend", "AttentionName", "NAME_TABLE", "RadialAttention", "RadialSettings", "TokenGrid",
+           "accepted_names", "available_backends", "describe", "get_attention_backend", "register_backend",
+           "validate_attention_name"]
 
 
 @dataclass(frozen=True)
@@ -111,10 +115,8 @@ def _sage_attn_requires(dtype: torch.dtype, head_dim: int, device: torch.device)
 
 
 def _radial_requires(dtype: torch.dtype, head_dim: int, device: torch.device) -> None:
-    try:
-        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
-    except ImportError as e:  # pragma: no cover - torch < 2.5
-        raise UserError(f"attention backend 'radial_attn' needs torch.nn.attention.flex_attention ({e})") from e
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:  # pragma: no cover - torch < 2.5
+        raise UserError("attention backend 'radial_attn' needs torch.nn.attention.flex_attention (torch >= 2.5)")
     if device.type == "cuda" and head_dim < 16:
         raise UserError(f"attention backend 'radial_attn' (flex_attention on CUDA) needs head_dim >= 16, got {head_dim}")
 

@@ -106,8 +106,6 @@ class CudnnSdpa:
         entry = self._graphs.get(key)
         if entry is not None:
             return entry
-        import cudnn
-
         with self._lock:
             errors = []
             # FP8: bf16 output where supported, else fp16 (cast back by the caller)
@@ -115,8 +113,8 @@ class CudnnSdpa:
                 try:
                     entry = self._build(handle, qt, kt, vt, out_dtype)
                     break
-                except cudnn.cudnnGraphNotSupportedError as e:
-                    errors.append(f"{out_dtype}: {e}")
+                except Exception as e:  # noqa: BLE001 - cudnnGraphNotSupportedError, or a validate() RuntimeError
+                    errors.append(f"output {str(out_dtype).removeprefix('torch.')}: {type(e).__name__}: {e}")
             if entry is None:
                 raise RuntimeError(f"cuDNN has no {'FP8 ' if self.fp8 else ''}SDPA plan for q {tuple(qt.shape)} "
                                    f"{qt.dtype}: " + "; ".join(errors))
@@ -124,29 +122,37 @@ class CudnnSdpa:
         return entry
 
     # -- the call ----------------------------------------------------------------------------------------------
+    @torch.compiler.disable  # graph building and execution through the frontend: an opaque call under torch.compile
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype."""
-        handle = self._handle(q.device)
-        want = q.dtype
-        extra = {}
-        if self.fp8:
-            from lightx2v.ops.attention.fp8 import quantize_fp8
+        if not self.fp8:
+            return self._execute(q, k, v, q.dtype, {})
+        from lightx2v.ops.attention.fp8 import quantize_fp8
 
-            qz = quantize_fp8(q, per_head=False, smooth=False)
-            kz = quantize_fp8(k, per_head=False, smooth=self.smooth_k)
-            vz = quantize_fp8(v, per_head=False, smooth=False)
-            q, k, v = qz.x8, kz.x8, vz.x8
-            one = torch.ones(1, dtype=torch.float32, device=q.device)
-            extra = {"descale_q": qz.scale, "descale_k": kz.scale, "descale_v": vz.scale,
-                     "descale_s": one / P_SCALE, "scale_s": one * P_SCALE, "scale_o": one}
+        qz = quantize_fp8(q, per_head=False, smooth=False)
+        kz = quantize_fp8(k, per_head=False, smooth=self.smooth_k)
+        vz = quantize_fp8(v, per_head=False, smooth=False)
+        return self.run_quantized(qz, kz, vz, out_dtype=q.dtype)
+
+    def run_quantized(self, qz, kz, vz, out_dtype: torch.dtype) -> torch.Tensor:
+        """The FP8 graph on operands already quantized per tensor (:func:`~lightx2v.ops.attention.fp8.quantize_fp8`
+        with ``per_head=False``); the mean of a smoothed V is added back."""
+        one = torch.ones(1, dtype=torch.float32, device=qz.x8.device)
+        extra = {"descale_q": qz.scale, "descale_k": kz.scale, "descale_v": vz.scale,
+                 "descale_s": one / P_SCALE, "scale_s": one * P_SCALE, "scale_o": one}
+        out = self._execute(qz.x8, kz.x8, vz.x8, out_dtype, extra)
+        return out if vz.mean is None else out + vz.mean.to(out.dtype)
+
+    def _execute(self, q, k, v, want: torch.dtype, extra: dict) -> torch.Tensor:
+        handle = self._handle(q.device)
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         g, t, ws, out_dtype = self._graph_for(handle, qt, kt, vt, want)
         B, Lq, H, _ = q.shape
         out = torch.empty(B, Lq, H, v.shape[-1], dtype=out_dtype, device=q.device)
         pack = {t["q"]: qt, t["k"]: kt, t["v"]: vt, t["o"]: out.transpose(1, 2)}  # [B, H, Lq, D] view
+        for name, val in extra.items():
+            pack[t[name]] = val.reshape(1, 1, 1, 1).contiguous()
         if self.fp8:
-            for name, val in extra.items():
-                pack[t[name]] = val.reshape(1, 1, 1, 1).contiguous()
             for name in ("amax_s", "amax_o"):
                 pack[t[name]] = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q.device)
         g.execute(pack, ws, handle=handle)

@@ -226,6 +226,8 @@ class RadialAttention:
                 self._compiled = torch.compile(flex_attention, dynamic=False)
         return self._compiled
 
+    @torch.compiler.disable  # mask caching in Python; flex_attention is compiled on its own (inside a compiled
+    # block this is one opaque call)
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
         _check(q, k, v, grid)
         bm = self.block_mask(grid, q.device)

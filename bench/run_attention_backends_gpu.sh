@@ -22,9 +22,9 @@ case "$part" in
     { source bench/install_attention_wheels.sh .whl; } > "$OUT/install.log" 2>&1  # not in a pipe: keep PYTHONPATH
     rc=$?; cat "$OUT/install.log"
     [ $rc -eq 0 ] || echo "wheel install failed (rc $rc): the rows of the missing packages will say so"
-    timeout 180 python3 -m pytest -q -m gpu -rs tests/test_attention_backends.py tests/test_radial_attention.py \
+    timeout 170 python3 -m pytest -q -m gpu -rs tests/test_attention_backends.py tests/test_radial_attention.py \
         -k "not flash_attn4" 2>&1 | tee "$OUT/tests.log" | tail -n 40
-    timeout 390 python3 bench/bench_attention_backends.py --only sdpa,sage,fa3,cudnn,radial \
+    timeout 370 python3 bench/bench_attention_backends.py --only sdpa,sage,fa3,cudnn,radial \
         --json "$OUT/attention_backends.json" 2>&1 | tee "$OUT/bench.log"
     ;;
   fa4a)

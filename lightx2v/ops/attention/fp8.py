@@ -38,7 +38,7 @@ def quantize_fp8(x: torch.Tensor, *, per_head: bool, smooth: bool) -> Fp8Operand
         mean = x.mean(dim=1, keepdim=True)  # [B, 1, H, D] (reduced-precision inputs accumulate in float32)
         x = x - mean
     dims = (1, 3) if per_head else (0, 1, 2, 3)
-    amax = torch.linalg.vector_norm(x, float("inf"), dim=dims, dtype=torch.float32)  # [B, H] or []
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=dims).float()  # [B, H] or []; a max is exact in x's dtype
     amax = amax.reshape(-1) if not per_head else amax
     ok = amax > 0
     scale = torch.where(ok, amax / E4M3_MAX, torch.ones_like(amax))

@@ -122,9 +122,13 @@ class CudnnSdpa:
         return entry
 
     # -- the call ----------------------------------------------------------------------------------------------
-    @torch.compiler.disable  # graph building and execution through the frontend: an opaque call under torch.compile
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype."""
+        from lightx2v.ops.attention._opaque import opaque
+
+        return opaque(self._forward, q, k, v)  # graph building and execution: opaque under torch.compile
+
+    def _forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not self.fp8:
             return self._execute(q, k, v, q.dtype, {})
         from lightx2v.ops.attention.fp8 import quantize_fp8

@@ -226,9 +226,13 @@ class RadialAttention:
                 self._compiled = torch.compile(flex_attention, dynamic=False)
         return self._compiled
 
-    @torch.compiler.disable  # mask caching in Python; flex_attention is compiled on its own (inside a compiled
-    # block this is one opaque call)
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+        from lightx2v.ops.attention._opaque import opaque
+
+        # mask caching is Python; flex_attention is compiled on its own: inside a compiled block, one opaque call
+        return opaque(self._forward, q, k, v, grid)
+
+    def _forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
         _check(q, k, v, grid)
         bm = self.block_mask(grid, q.device)
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))

@@ -4,13 +4,14 @@
 #
 #     bash bench/prepare_attention_wheels.sh [SRC] [DEST]      # SRC: /work/wheels, DEST: the repo root (.)
 #
-#   DEST/.whl       fa3-fwd, nvidia-cudnn-frontend, apache-tvm-ffi                        (~42.5 MB)
+#   DEST/.whl_attn  fa3-fwd, nvidia-cudnn-frontend, apache-tvm-ffi                        (~42.5 MB)
 #   DEST/.whl_fa4a  nvidia_cutlass_dsl_libs_cu13-4.8.1-...whl.part-aa                      (~46 MB)
 #   DEST/.whl_fa4b  ...part-ab, flash-attn-4, nvidia-cutlass-dsl (+ libs-base, libs-core), quack-kernels,
 #                   apache-tvm-ffi, torch-c-dlpack-ext, SHA256SUMS                         (~56 MB)
 #
 # Wheels missing from SRC are fetched with `pip download --no-deps` (cp312, manylinux x86_64). Add the three
-# folders to .git/info/exclude and name them in the call's carry (see bench/run_attention_backends_gpu.sh).
+# folders to .git/info/exclude (printf '/.whl_attn/\n/.whl_fa4a/\n/.whl_fa4b/\n' >> .git/info/exclude) and name
+# them in the calls' carry (see bench/run_attention_backends_gpu.sh).
 set -euo pipefail
 SRC="${1:-/work/wheels}"
 DEST="${2:-.}"
@@ -35,9 +36,9 @@ wheel_of() {  # requirement -> path of its wheel in SRC (downloaded if missing)
     echo "$found"
 }
 
-rm -rf "$DEST/.whl" "$DEST/.whl_fa4a" "$DEST/.whl_fa4b"
-mkdir -p "$DEST/.whl" "$DEST/.whl_fa4a" "$DEST/.whl_fa4b"
-for r in "${MAIN[@]}"; do cp "$(wheel_of "$r")" "$DEST/.whl/"; done
+rm -rf "$DEST/.whl_attn" "$DEST/.whl_fa4a" "$DEST/.whl_fa4b"  # ours only (a .whl folder of other wheels stays)
+mkdir -p "$DEST/.whl_attn" "$DEST/.whl_fa4a" "$DEST/.whl_fa4b"
+for r in "${MAIN[@]}"; do cp "$(wheel_of "$r")" "$DEST/.whl_attn/"; done
 for r in "${FA4[@]}"; do cp "$(wheel_of "$r")" "$DEST/.whl_fa4b/"; done
 big="$(wheel_of "$BIG")"
 base="$(basename "$big")"
@@ -46,7 +47,7 @@ half=$(( (size + 1) / 2 ))
 split -b "$half" -a 2 "$big" "$DEST/.whl_fa4b/$base.part-"
 mv "$DEST/.whl_fa4b/$base.part-aa" "$DEST/.whl_fa4a/"
 (cd "$(dirname "$big")" && sha256sum "$base") > "$DEST/.whl_fa4b/SHA256SUMS"
-for d in .whl .whl_fa4a .whl_fa4b; do
+for d in .whl_attn .whl_fa4a .whl_fa4b; do
     echo "$d: $(du -cb "$DEST/$d"/* | tail -n1 | cut -f1) bytes"
     for f in "$DEST/$d"/*; do printf '  %10d  %s\n' "$(stat -c %s "$f")" "$(basename "$f")"; done
 done

@@ -2,7 +2,7 @@
 # The GPU call(s) for the attention backends (issue 24 item 1; radial_attn of issue 12 item 6). From the repo
 # root on the GPU machine; logs and JSON go to $OUT. Wheel folders: bash bench/prepare_attention_wheels.sh (here).
 #
-#   bash bench/run_attention_backends_gpu.sh main   # carry .whl (fa3-fwd, cudnn-frontend; 42.5 MB): GPU tests of
+#   bash bench/run_attention_backends_gpu.sh main   # carry .whl_attn (fa3-fwd, cudnn-frontend; 42.5 MB): tests of
 #                                                   # the backends and radial_attn, then the bench, all but FA4
 #   bash bench/run_attention_backends_gpu.sh fa4a   # carry .whl_fa4a (46 MB): only stashes the first half of the
 #                                                   # cutlass DSL wheel in /tmp/attn-parts on this machine
@@ -19,7 +19,7 @@ part="${1:-main}"
 echo "=== $part: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader)"
 case "$part" in
   main)
-    { source bench/install_attention_wheels.sh .whl; } > "$OUT/install.log" 2>&1  # not in a pipe: keep PYTHONPATH
+    { source bench/install_attention_wheels.sh .whl_attn; } > "$OUT/install.log" 2>&1  # not in a pipe: keep PYTHONPATH
     rc=$?; cat "$OUT/install.log"
     [ $rc -eq 0 ] || echo "wheel install failed (rc $rc): the rows of the missing packages will say so"
     timeout 170 python3 -m pytest -q -m gpu -rs tests/test_attention_backends.py tests/test_radial_attention.py \

@@ -40,21 +40,21 @@ IGNORED = ("_comment",)
 
 @dataclass(frozen=True)
 class AttentionConfig:
+    """LightX2V's three attention keys: self-attention, cross-attention to the text, and to the CLIP image tokens
+    (``attn_mode`` sets all three). Names are ours or LightX2V's (lightx2v.ops.attention.names)."""
+
     self_attn_1_type: str = "torch_sdpa"
     cross_attn_1_type: str = "torch_sdpa"
     cross_attn_2_type: str = "torch_sdpa"
 
     def __post_init__(self):
-        from lightx2v.ops.attention import available_backends
+        from lightx2v.ops.attention import validate_attention_name
 
         for f in fields(self):
-            value = getattr(self, f.name)
-            if value not in available_backends():
-                raise UserError(f"{f.name}={value!r} is not an available attention backend; "
-                                f"available: {', '.join(available_backends())}")
-        if len({self.self_attn_1_type, self.cross_attn_1_type, self.cross_attn_2_type}) > 1:
-            raise UserError("different attention backends for self- and cross-attention are not supported yet; "
-                            "set attn_mode to one backend")
+            entry = validate_attention_name(getattr(self, f.name))
+            if f.name != "self_attn_1_type" and entry.kind == "sparse":
+                raise UserError(f"{f.name}={getattr(self, f.name)!r}: a sparse pattern over the video tokens is for "
+                                "self-attention only; use an exact backend for cross-attention")
 
 
 @dataclass(frozen=True)

@@ -252,7 +252,8 @@ def dit_lazy_tensors(model_dir: Path | None = None, layout: str = "wan", *, expe
 
 
 def load_dit_without_blocks(model_dir: str | Path, layout: str, *, attn, device="cpu",
-                            dtype: torch.dtype = torch.float32, expert: str | None = None):
+                            dtype: torch.dtype = torch.float32, expert: str | None = None, cross_attn=None,
+                            image_attn=None):
     """Build a WanDiT on the meta device and load only its non-block weights (strictly) onto ``device``; the block
     weights stay on the meta device with their dtypes set, for ``apply_offload(..., lazy_load=True)``."""
     import torch.nn as nn
@@ -261,7 +262,7 @@ def load_dit_without_blocks(model_dir: str | Path, layout: str, *, attn, device=
 
     cfg = read_dit_config(Path(model_dir), layout, expert)
     with torch.device("meta"):
-        model = WanDiT(cfg, attn)
+        model = WanDiT(cfg, attn, cross_attn=cross_attn, image_attn=image_attn)
     holder = nn.Module()  # the non-block submodules under their own names, so strict loading accounts for each key
     for name, child in model.named_children():
         if name != "blocks" and child is not None:
@@ -277,7 +278,8 @@ def load_dit_without_blocks(model_dir: str | Path, layout: str, *, attn, device=
 
 
 def load_dit(model_dir: Path, layout: str, *, attn, device="cpu", dtype=torch.float32,
-             weights_file: Path | None = None, quant_scheme: str | None = None, expert: str | None = None):
+             weights_file: Path | None = None, quant_scheme: str | None = None, expert: str | None = None,
+             cross_attn=None, image_attn=None):
     """Build a WanDiT on the meta device and stream its weights in (strict). ``weights_file``: one safetensors
     file to take the weights from instead of the folder's (LightX2V's ``dit_original_ckpt``). ``quant_scheme``
     ("fp8" / "int8"): the block linears become QuantLinear; float weights are quantized as they stream in (on
@@ -287,7 +289,7 @@ def load_dit(model_dir: Path, layout: str, *, attn, device="cpu", dtype=torch.fl
 
     cfg = read_dit_config(model_dir, layout, expert)
     with torch.device("meta"):
-        model = WanDiT(cfg, attn)
+        model = WanDiT(cfg, attn, cross_attn=cross_attn, image_attn=image_attn)
     if weights_file is not None:
         tensors, what = single_file_dit_tensors(weights_file), f"DiT weights file {weights_file}"
     else:

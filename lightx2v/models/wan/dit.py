@@ -22,7 +22,7 @@ from lightx2v.models.plan import HookPlan
 from lightx2v.models.wan.arch import WanDiTConfig
 from lightx2v.models.wan.checkpoint import dit_key_to_diffusers, wan_key_from_diffusers
 from lightx2v.ops import triton as fused
-from lightx2v.ops.attention import AttentionBackend
+from lightx2v.ops.attention import AttentionBackend, TokenGrid
 
 
 def use_fused(x: torch.Tensor) -> bool:
@@ -144,11 +144,13 @@ def gated_add(x: torch.Tensor, y: torch.Tensor, gate, chunk: int | None, out: to
 
 
 class Rope(NamedTuple):
-    """The RoPE table of one token grid: complex rotations [L, D/2] and their cos / sin (float32)."""
+    """The RoPE table of one token grid: complex rotations [L, D/2] and their cos / sin (float32), and the grid
+    (frames, height, width) of tokens (for attention backends whose pattern depends on it: radial attention)."""
 
     rot: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
+    grid: tuple[int, int, int] = (0, 0, 0)
 
 
 class TokenRuns(NamedTuple):
@@ -248,9 +250,13 @@ class SelfAttention(nn.Module):
                     k[:, sl] = apply_rope(k[:, sl], rope.rot[sl])
         v = (self._v_over(y) if lean else self.v(y)).unflatten(-1, (heads, -1))
         del y
-        out = self._attention_over_q(q, k, v) if lean else self.attn(q, k, v)
+        grid = TokenGrid(*rope.grid) if getattr(self.attn, "needs_grid", False) else None
+        out = self._attention_over_q(q, k, v, grid) if lean else self._attn(q, k, v, grid)
         del q, k, v
         return self.o(out.flatten(2))
+
+    def _attn(self, q, k, v, grid):
+        return self.attn(q, k, v) if grid is None else self.attn(q, k, v, grid=grid)
 
     def _v_over(self, y: torch.Tensor) -> torch.Tensor:
         """v = self.v(y), written over y chunk by chunk of tokens (one chunk: a fresh tensor, nothing to save)."""
@@ -261,14 +267,14 @@ class SelfAttention(nn.Module):
             y[:, sl] = self.v(y[:, sl])
         return y
 
-    def _attention_over_q(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attention_over_q(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid=None) -> torch.Tensor:
         """Attention per group of heads (heads are independent), each group's output copied over its q."""
         heads, group = q.shape[2], self.head_group
         if group >= heads:
-            return self.attn(q, k, v)
+            return self._attn(q, k, v, grid)
         for h in range(0, heads, group):
             hs = slice(h, min(h + group, heads))
-            q[:, :, hs] = self.attn(q[:, :, hs], k[:, :, hs], v[:, :, hs])
+            q[:, :, hs] = self._attn(q[:, :, hs], k[:, :, hs], v[:, :, hs], grid)
         return q
 
 
@@ -277,7 +283,8 @@ class CrossAttention(nn.Module):
 
     chunk_tokens: int | None = 8192  # I2V: queries over token chunks (WanDiT.set_attention_chunks)
 
-    def __init__(self, dim: int, num_heads: int, eps: float, attn: AttentionBackend, image_input: bool):
+    def __init__(self, dim: int, num_heads: int, eps: float, attn: AttentionBackend, image_input: bool,
+                 image_attn: AttentionBackend | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
@@ -291,7 +298,8 @@ class CrossAttention(nn.Module):
             self.k_img = nn.Linear(dim, dim)
             self.v_img = nn.Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, eps)
-        self.attn = attn
+        self.attn = attn  # to the text tokens (LightX2V's cross_attn_1_type)
+        self.image_attn = image_attn or attn  # to the CLIP tokens (cross_attn_2_type)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None) -> torch.Tensor:
         """x: [B, L, C]; context: [B, Lt, C] text tokens; context_img: [B, Li, C] image tokens (I2V) or None.
@@ -310,11 +318,11 @@ class CrossAttention(nn.Module):
             k_img = self.norm_k_img(self.k_img(context_img)).unflatten(-1, (heads, -1))
             v_img = self.v_img(context_img).unflatten(-1, (heads, -1))
             if torch.is_grad_enabled():  # autograd keeps q for the backward pass: no writes into it
-                out = self.attn(q, k, v) + self.attn(q, k_img, v_img)
+                out = self.attn(q, k, v) + self.image_attn(q, k_img, v_img)
             else:
                 for sl in token_chunks(q.shape[1], self.chunk_tokens):
                     qs = q[:, sl]
-                    torch.add(self.attn(qs, k, v), self.attn(qs, k_img, v_img), out=qs)
+                    torch.add(self.attn(qs, k, v), self.image_attn(qs, k_img, v_img), out=qs)
                 out = q
         del q
         return self.o(out.flatten(2))
@@ -325,13 +333,15 @@ class CrossAttention(nn.Module):
 class WanBlock(nn.Module):
     chunk_tokens: int | None = None  # elementwise work and the FFN over token chunks (set by WanDiT)
 
-    def __init__(self, cfg: WanDiTConfig, attn: AttentionBackend):
+    def __init__(self, cfg: WanDiTConfig, attn: AttentionBackend, cross_attn: AttentionBackend | None = None,
+                 image_attn: AttentionBackend | None = None):
         super().__init__()
         dim, eps = cfg.dim, cfg.eps
         self.eps = eps
         self.self_attn = SelfAttention(dim, cfg.num_heads, eps, attn)
         self.norm3 = AffineLayerNorm(dim, eps)  # before cross-attention (name from the Wan release)
-        self.cross_attn = CrossAttention(dim, cfg.num_heads, eps, attn, cfg.has_image_input)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, eps, cross_attn or attn, cfg.has_image_input,
+                                         image_attn or cross_attn or attn)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))  # float32: adaLN shift/scale/gate offsets
 
@@ -463,7 +473,10 @@ class WanDiT(nn.Module):
     FLOAT32_PARAMS = ("time_embedding.", "modulation", "norm3.", "img_emb.proj.0.", "img_emb.proj.4.",
                       "img_emb.emb_pos")
 
-    def __init__(self, cfg: WanDiTConfig, attn: AttentionBackend, chunk_tokens: int | None = 8192):
+    def __init__(self, cfg: WanDiTConfig, attn: AttentionBackend, chunk_tokens: int | None = 8192,
+                 cross_attn: AttentionBackend | None = None, image_attn: AttentionBackend | None = None):
+        """``attn``: the self-attention backend (LightX2V's self_attn_1_type); ``cross_attn`` / ``image_attn``: the
+        cross-attention's to the text / CLIP tokens (cross_attn_1_type / cross_attn_2_type; default ``attn``)."""
         super().__init__()
         self.cfg = cfg
         dim = cfg.dim
@@ -472,7 +485,7 @@ class WanDiT(nn.Module):
                                             nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.blocks = nn.ModuleList([WanBlock(cfg, attn) for _ in range(cfg.num_layers)])
+        self.blocks = nn.ModuleList([WanBlock(cfg, attn, cross_attn, image_attn) for _ in range(cfg.num_layers)])
         self.block_stack = BlockStack(self.blocks, _call_block)  # the hook point of caching / sequence parallel
         self.head = Head(cfg)
         self.img_emb = ImageProjection(cfg) if cfg.has_image_input else None
@@ -520,7 +533,7 @@ class WanDiT(nn.Module):
         key = (grid, str(device))
         if key not in self._rope_cache:
             rot = rope_tables(self.cfg.head_dim, grid, device)
-            self._rope_cache = {key: Rope(rot, rot.real.contiguous(), rot.imag.contiguous())}
+            self._rope_cache = {key: Rope(rot, rot.real.contiguous(), rot.imag.contiguous(), tuple(grid))}
         return self._rope_cache[key]
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -242,7 +242,9 @@ def build_transformer(spec: StageSpec) -> WanTransformer:
     for e in experts:
         safetensors_files(dit_folder(root, layout, e), "diffusion_pytorch_model")
     dev, dt = resolve_device_dtype(cfg.runtime.device, cfg.runtime.dtype)
-    attn = get_attention_backend(cfg.attention.self_attn_1_type, dtype=dt, head_dim=dit_cfg.head_dim, device=dev)
+    a = cfg.attention
+    attn = tuple(get_attention_backend(name, dtype=dt, head_dim=dit_cfg.head_dim, device=dev)
+                 for name in (a.self_attn_1_type, a.cross_attn_1_type, a.cross_attn_2_type))
     ck, off, rt = cfg.checkpoint, cfg.offload, cfg.runtime
     weights = _weights_files(ck, experts)
     if len(experts) > 1 and cfg.cache.method != "NoCaching":
@@ -375,14 +377,16 @@ def _load_dit(root: Path, layout: str, cfg, expert: str | None, weights_file: st
     from lightx2v.ops.quant import resolve_scheme
 
     off, ck = cfg.offload, cfg.checkpoint
+    self_attn, cross_attn, image_attn = attn
+    backends = dict(attn=self_attn, cross_attn=cross_attn, image_attn=image_attn)
     if off.lazy_load:  # block weights stay on disk; only the rest is loaded
         if weights_file:
             raise UserError("lazy_load with dit_original_ckpt is not supported; convert the file into a "
                             "checkpoint folder with `lightx2v convert` first")
-        return load_dit_without_blocks(root, layout, attn=attn, device=dev, dtype=dt, expert=expert)
-    return load_dit(root, layout, attn=attn, device="cpu" if off.cpu_offload else dev, dtype=dt,
+        return load_dit_without_blocks(root, layout, device=dev, dtype=dt, expert=expert, **backends)
+    return load_dit(root, layout, device="cpu" if off.cpu_offload else dev, dtype=dt,
                     weights_file=Path(weights_file) if weights_file else None,
-                    quant_scheme=resolve_scheme(ck.dit_quant_scheme), expert=expert)
+                    quant_scheme=resolve_scheme(ck.dit_quant_scheme), expert=expert, **backends)
 
 
 def _weights_files(ck, experts) -> list[str | None]:

@@ -13,7 +13,7 @@ Qwen-Image-Layered (``use_additional_t_cond``, ``use_layer3d_rope``, an RGBA VAE
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from lightx2v.errors import CheckpointError
 
@@ -106,7 +106,7 @@ class QwenImageDiTConfig:
         return self.out_channels
 
     # keys that must hold one value: the features they switch on are not implemented
-    _UNSUPPORTED: Any = (("guidance_embeds", False, "guidance-distilled DiTs"),
+    _UNSUPPORTED: ClassVar[Any] = (("guidance_embeds", False, "guidance-distilled DiTs"),
                          ("use_additional_t_cond", False, "Qwen-Image-Layered"),
                          ("use_layer3d_rope", False, "Qwen-Image-Layered"))
 

@@ -90,7 +90,13 @@ def _attention2d(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
 
 
 def _resample2d(block: Resample, x: torch.Tensor) -> torch.Tensor:
-    """2x up/downsampling of one frame; the temporal conv of a ``*3d`` resampler skips the first chunk."""
+    """2x up/downsampling of one frame; the temporal conv of a ``*3d`` resampler skips the first chunk.
+
+    Upsampling: for a factor of exactly 2, "nearest-exact" (the reference's) and "nearest" pick the same source pixel
+    (floor((i + 0.5) / 2) == floor(i / 2)); "nearest" is the one every ONNX exporter and TensorRT take.
+    """
+    if block.mode.startswith("upsample"):
+        return block.resample[1](F.interpolate(x, scale_factor=2.0, mode="nearest"))
     return block.resample(x)
 
 

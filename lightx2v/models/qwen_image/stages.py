@@ -129,7 +129,8 @@ class QwenImageOptions:
       before each image (default: on for Edit-2509/2511, off for Edit);
     * ``condition_image_size`` [``CONDITION_IMAGE_SIZE``]: pixels of the images the vision encoder sees (default:
       1024**2 for Edit, 384**2 for Edit-2509/2511); ``vae_image_size``: pixels of the images the VAE encodes;
-      ``resolution``: i2i output of ~resolution**2 pixels when no size is asked for;
+      ``resolution``: i2i output of ~resolution**2 pixels when no size is asked for; ``resize_mode``: "adaptive"
+      (the images keep their aspect ratio; the only mode);
     * ``vae_type`` ("baseline" | "tensorrt") and ``trt_vae_config`` ({trt_engine_path, multi_profile}): the VAE
       (``trt.py``; falls back to PyTorch with one log line);
     * ``dit_original_ckpt``: one safetensors file with the DiT's tensors (release names);
@@ -143,6 +144,7 @@ class QwenImageOptions:
     condition_image_size: int | None = None
     vae_image_size: int = DEFAULT_VAE_IMAGE_SIZE
     resolution: int = DEFAULT_RESOLUTION
+    resize_mode: str = "adaptive"
     vae_type: str = "baseline"
     trt_vae_config: dict = field(default_factory=dict)
     dit_original_ckpt: str | None = None
@@ -153,6 +155,9 @@ class QwenImageOptions:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < SIZE_MULTIPLE):
                 raise UserError(f"{name}={v!r} must be an integer >= {SIZE_MULTIPLE}")
+        if self.resize_mode != "adaptive":
+            raise UserError(f"resize_mode={self.resize_mode!r}: Qwen-Image resizes edit images keeping their aspect "
+                            "ratio ('adaptive', the only mode)")
         if self.vae_type not in ("baseline", "tensorrt"):
             raise UserError(f"vae_type={self.vae_type!r}: allowed 'baseline' (PyTorch) or 'tensorrt'")
         if not isinstance(self.trt_vae_config, dict):
@@ -161,10 +166,6 @@ class QwenImageOptions:
         unknown = sorted(set(self.trt_vae_config) - {"trt_engine_path", "multi_profile"})
         if unknown:
             raise UserError(f"unknown trt_vae_config keys {unknown}; allowed: trt_engine_path, multi_profile")
-
-    # LightX2V config key -> field
-    LIGHTX2V_KEYS = {"attn_type": "attn_mode", "USE_IMAGE_ID_IN_PROMPT": "use_image_id_in_prompt",
-                     "CONDITION_IMAGE_SIZE": "condition_image_size"}
 
     def prompt_format(self, variant: str, task: str) -> PromptFormat:
         fmt = PromptFormat.for_variant(variant, task)
@@ -181,6 +182,29 @@ class QwenImageOptions:
         if self.condition_image_size is not None:
             return self.condition_image_size
         return self.vae_image_size if variant == "edit" else EDIT_PLUS_CONDITION_IMAGE_SIZE
+
+
+# LightX2V config keys this family implements: -> QwenImageOptions field / QwenImageRequest field
+LIGHTX2V_OPTION_KEYS = {"attn_type": "attn_mode", "attn_mode": "attn_mode", "USE_IMAGE_ID_IN_PROMPT":
+                        "use_image_id_in_prompt", "CONDITION_IMAGE_SIZE": "condition_image_size",
+                        "prompt_template_encode": "prompt_template_encode",
+                        "prompt_template_encode_start_idx": "prompt_template_encode_start_idx",
+                        "resize_mode": "resize_mode", "resolution": "resolution", "vae_type": "vae_type",
+                        "trt_vae_config": "trt_vae_config", "dit_original_ckpt": "dit_original_ckpt"}
+LIGHTX2V_REQUEST_KEYS = {"infer_steps": "infer_steps", "aspect_ratio": "aspect_ratio", "enable_cfg": "enable_cfg",
+                         "sample_guide_scale": "guidance_scale", "guidance_scale": "guidance_scale",
+                         "sample_shift": "sample_shift", "target_height": "height", "target_width": "width",
+                         "seed": "seed"}
+
+
+def from_lightx2v_config(config: dict) -> tuple[QwenImageOptions, dict]:
+    """Split a LightX2V Qwen-Image config dict into (options, request fields); UserError naming unknown keys."""
+    unknown = sorted(set(config) - set(LIGHTX2V_OPTION_KEYS) - set(LIGHTX2V_REQUEST_KEYS))
+    if unknown:
+        raise UserError(f"config keys not implemented for qwen_image: {', '.join(unknown)}")
+    options = {LIGHTX2V_OPTION_KEYS[k]: v for k, v in config.items() if k in LIGHTX2V_OPTION_KEYS}
+    request = {LIGHTX2V_REQUEST_KEYS[k]: v for k, v in config.items() if k in LIGHTX2V_REQUEST_KEYS}
+    return QwenImageOptions(**options), request
 
 
 # --- sizes and image preprocessing ----------------------------------------------------------------------------

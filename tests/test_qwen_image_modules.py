@@ -110,6 +110,23 @@ def test_dit_config_checks():
         QwenImageDiTConfig.from_diffusers_config({**base, "axes_dims_rope": [16, 56, 48]})
     cfg = QwenImageDiTConfig.from_diffusers_config(base)
     assert (cfg.inner_dim, cfg.num_layers, cfg.joint_attention_dim) == (3072, 60, 3584)
+    with torch.device("meta"):
+        dit = QwenImageDiT(cfg, _attn(cfg.head_dim))
+    assert round(sum(p.numel() for p in dit.parameters()) / 1e9, 2) == 20.43  # the 20B release
+
+
+def test_dit_bf16_follows_diffusers_bf16():
+    """In bf16 both round the timestep as the reference does; ours keeps modulation and residuals in float32."""
+    ref = tiny_diffusers_dit(seed=8).to(torch.bfloat16)
+    ours = _ours_from(ref).to(torch.bfloat16)
+    shapes = [(1, 6, 8)]
+    x, ctx, t = _dit_inputs(shapes)
+    with torch.no_grad():
+        want = ref(hidden_states=x.bfloat16(), encoder_hidden_states=ctx.bfloat16(), timestep=t.bfloat16(),
+                   img_shapes=[shapes], return_dict=False)[0]
+        got = ours(x, ctx, t, shapes)
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 2e-2
 
 
 # --- VAE ------------------------------------------------------------------------------------------------------

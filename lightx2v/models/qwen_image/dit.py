@@ -105,11 +105,12 @@ def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
     """t: [B] (sigma in [0, 1]) -> [B, dim] float32 sinusoidal features, cos half first.
 
     diffusers' ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000)``: frequencies
-    exp(-ln(10000) * i / (dim/2)), argument (t * freq) * 1000.
+    exp(-ln(10000) * i / (dim/2)) in float32, argument 1000 * (t * freq); t itself arrives rounded to the model dtype
+    (as the reference rounds it).
     """
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = (t[:, None].float() * freqs[None, :]) * 1000.0
+    args = 1000.0 * (t[:, None].float() * freqs[None, :])
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 

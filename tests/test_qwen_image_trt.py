@@ -222,6 +222,8 @@ def test_fallback_when_the_engine_path_or_file_is_missing(model, tmp_path, caplo
     assert isinstance(make_vae(model, "decoder", options=_opts(tmp_path / "nowhere"), runtime=FakeRuntime()),
                       QwenImageVAE)
     assert "is not a folder" in _trt_lines(caplog)[-1]
+    assert isinstance(make_vae(model, "decoder", options=_opts(tmp_path), runtime=FakeRuntime()), QwenImageVAE)
+    assert "holds no static engine folder" in _trt_lines(caplog)[-1]
     (tmp_path / "16_9").mkdir()  # a static folder without its decoder engine
     vae = make_vae(model, "decoder", options=_opts(tmp_path), runtime=FakeRuntime())
     assert isinstance(vae, TensorRTVAE)

@@ -516,6 +516,8 @@ def make_vae(model_path: str | Path, part: str, *, device="cpu", dtype: torch.dt
             return fallback(f"{engine_root / MANIFEST} is not a format-{MANIFEST_FORMAT} manifest")
         if manifest.get("vae_sha256") != vae_fingerprint(root):
             return fallback(f"the engines in {engine_root} were built from other VAE weights than {root / VAE_DIR}")
+    if not multi_profile and not any((engine_root / f).is_dir() for f in STATIC_FOLDERS.values()):
+        return fallback(f"{engine_root} holds no static engine folder ({', '.join(STATIC_FOLDERS.values())})")
     config = read_vae_config(root / VAE_DIR)
     vae = TensorRTVAE(part, config, engine_root, multi_profile, runtime, device, dtype, pytorch_vae, manifest)
     if multi_profile and vae._session is None:

@@ -356,6 +356,15 @@ def test_fallback_when_the_engine_does_not_match_the_model(engines, model, tmp_p
     vae = make_vae(model, "decoder", options=_opts(swapped), runtime=FakeRuntime())
     assert torch.equal(vae.decode(z), ref.decode(z))
     assert "expected [1, 16, 1, 4, 8] for 64x32" in _trt_lines(caplog)[-1]
+    # tensors named otherwise than the manifest records
+    class Renamed(OrtSession):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.inputs = [TensorSpec("z", s.shape, s.dtype) for s in self.inputs]
+
+    vae = make_vae(model, "decoder", options=_opts(root / "static"), runtime=FakeRuntime(session_cls=Renamed))
+    assert torch.equal(vae.decode(z), ref.decode(z))
+    assert "named 'z' -> 'image', the manifest says 'latents' -> 'image'" in _trt_lines(caplog)[-1]
     # engines built from other VAE weights (the manifest's fingerprint)
     manifest = json.loads((swapped / "lightx2v_trt.json").read_text())
     (swapped / "lightx2v_trt.json").write_text(json.dumps({**manifest, "vae_sha256": "0" * 64}))

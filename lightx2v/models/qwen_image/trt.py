@@ -19,9 +19,10 @@ engine.
 
 Fallback: whenever an engine cannot serve a request the PyTorch VAE does (loaded on first need), and ONE log line
 (logger ``lightx2v``, once per reason) says why: tensorrt is not importable; the engine path or file is missing; the
-engine does not match the model (tensor names/ranks/channels/static size, or ``lightx2v_trt.json`` says it was built
-from other VAE weights); the GPU is not supported (no CUDA device, another compute capability than it was built for,
-TensorRT refuses to deserialize it); allocating the execution context or the output fails.
+engine does not match the model (tensor ranks/channels/static size; names other than ``lightx2v_trt.json``'s; that
+manifest saying it was built from other VAE weights); the GPU is not supported (no CUDA device, another compute
+capability than it was built for, TensorRT refuses to deserialize it); allocating the execution context or the
+output fails.
 
 Building (:func:`build_trt_engines`; ``lightx2v build-trt`` calls it): the VAE halves are exported to ONNX as the 2D
 networks they are for single images (``vae.py``: no Conv3d, a third of the multiply-adds of the 3D graph), each
@@ -297,11 +298,15 @@ def _expected_shapes(part: str, z_dim: int, sf: int, height: int, width: int) ->
     return (img, lat) if part == "encoder" else (lat, img)
 
 
-def session_problem(session, part: str, z_dim: int, sf: int, size: tuple[int, int] | None) -> str | None:
-    """Why ``session`` does not fit this VAE half (None when it does). ``size``: the static engine's (H, W)."""
+def session_problem(session, part: str, z_dim: int, sf: int, size: tuple[int, int] | None,
+                    names: Sequence[str] | None = None) -> str | None:
+    """Why ``session`` does not fit this VAE half (None when it does). ``size``: the static engine's (H, W);
+    ``names``: the (input, output) tensor names the manifest recorded (engines built elsewhere have their own)."""
     if len(session.inputs) != 1 or len(session.outputs) != 1:
         return f"it has {len(session.inputs)} inputs and {len(session.outputs)} outputs, not 1 and 1"
     si, so = session.inputs[0], session.outputs[0]
+    if names is not None and (si.name, so.name) != tuple(names):
+        return f"its tensors are named {si.name!r} -> {so.name!r}, the manifest says {names[0]!r} -> {names[1]!r}"
     if len(si.shape) != 5 or len(so.shape) != 5:
         return f"its tensors have shapes {list(si.shape)} -> {list(so.shape)}, not [1, C, 1, H, W]"
     c_in, c_out = (IMAGE_CHANNELS, (z_dim, 2 * z_dim)) if part == "encoder" else (z_dim, (IMAGE_CHANNELS,))
@@ -358,7 +363,8 @@ class TensorRTVAE:
         except EngineError as e:
             self.fallback(str(e))
             return None
-        problem = session_problem(session, self.part, self.config.z_dim, self.config.spatial_factor, size)
+        names = ((self.manifest or {}).get("io") or {}).get(self.part)
+        problem = session_problem(session, self.part, self.config.z_dim, self.config.spatial_factor, size, names)
         if problem:
             session.close()
             self.fallback(f"engine {path} does not match the model: {problem}")

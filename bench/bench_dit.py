@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightx2v.models.wan.arch import PRESETS  # noqa: E402
-from lightx2v.models.wan.checkpoint import assign_strict, dit_key_from_diffusers  # noqa: E402
+from lightx2v.loading import assign_strict  # noqa: E402
+from lightx2v.models.wan.checkpoint import dit_key_from_diffusers  # noqa: E402
 from lightx2v.models.wan.dit import WanDiT  # noqa: E402
 from lightx2v.ops.attention import get_attention_backend  # noqa: E402
 

@@ -3,7 +3,7 @@ and feature-caching skip counts and times at the published thresholds.
 
 Real-size components with random weights: umt5-xxl text encoder, CLIP ViT-H/14, the Wan2.1 VAE (encode of the
 conditioning video, decode of the result) and the 14B I2V DiT, in bf16 and with FP8 block linears. The stages are
-ours (lightx2v.models.wan.runner), fed in-memory components instead of files. One warm-up generation, then the
+ours (lightx2v.models.wan.stages), fed in-memory components instead of files. One warm-up generation, then the
 median of 2.
 
     python bench/bench_e2e.py                 # both parts
@@ -23,7 +23,10 @@ from PIL import Image
 from real_size import build_clip, build_dit, build_t5, build_vae, gib
 
 from lightx2v.config import build_config
-from lightx2v.models.wan.runner import ComponentSlot, DecodeStage, DenoiseStage, EncodeStage
+from lightx2v.engine.components import ComponentSlot
+from lightx2v.engine.progress import RunContext
+from lightx2v.engine.request import GenerationRequest
+from lightx2v.models.wan.stages import Expert, TextEmbeds, WanDecoder, WanEncoder, WanTransformer, stage_shapes
 
 
 def _slot(obj):
@@ -44,9 +47,11 @@ def e2e(rows):
     image = Image.new("RGB", (832, 480), (120, 80, 40))
     cfg = build_config({"denoising_step_list": [1000, 750, 500, 250], "enable_cfg": False, "sample_shift": 5.0,
                         "resize_mode": "crop"}, {}, {})
-    s = cfg.sampling
-    encode = EncodeStage(_slot(t5), dev, _slot(clip), _slot(vae))
-    decode = DecodeStage(_slot(vae), dev)
+    request = GenerationRequest("i2v", cfg.sampling, prompt="a cat turns its head", seed=0, images=(image,),
+                                return_result_tensor=True)
+    encode = WanEncoder(_slot(t5), dev, z_dim=16, vae_spatial=8, size_multiple=16, tasks=("i2v",),
+                        image_encoder=_slot(clip), vae=_slot(vae))
+    decode = WanDecoder(_slot(vae), dev)
     for scheme, attn in ((None, "torch_sdpa"), (None, "sage_attn"), ("fp8", "sage_attn")):
         dit = build_dit("wan2.1-i2v-14b", attn=attn)
         if scheme:
@@ -54,14 +59,16 @@ def e2e(rows):
 
             apply_quantization(dit, scheme)
             gc.collect(), torch.cuda.empty_cache()
-        denoise = DenoiseStage(dit, dev)
+        denoise = WanTransformer([Expert(dit)], dev)
         runs = []
         for _ in range(3):  # the first is a warm-up
             t = {}
-            text, t["text"] = sync_time(lambda: encode.text("a cat turns its head", "", False))
-            (conds, s2), t["image"] = sync_time(lambda: encode.image([image], s))
-            lat, t["denoise"] = sync_time(lambda: denoise(text, conds, 0, s2, progress=False))
-            _, t["decode"] = sync_time(lambda: decode(lat, 16))
+            ctx = RunContext(device=dev)
+            cond, _ = sync_time(lambda: encode(request, ctx))
+            lat, _ = sync_time(lambda: denoise(cond, ctx))
+            _, _ = sync_time(lambda: decode(lat, ctx))
+            t = {"text": ctx.timings["text encode"], "image": ctx.timings["image encode"],
+                 "denoise": ctx.timings["denoise"], "decode": ctx.timings["VAE decode"]}
             t["total"] = sum(t.values())
             runs.append(t)
         med = {k: statistics.median(r[k] for r in runs[1:]) for k in runs[1]}
@@ -75,7 +82,6 @@ def e2e(rows):
 def caching(rows, steps: int):
     """T2V-1.3B, 480x832x81, CFG, `steps` UniPC steps: block-stack evaluations skipped and denoise time per method."""
     from lightx2v.hooks.caching import PRESETS, apply_feature_caching
-    from lightx2v.stages import TextEmbeds
 
     dev = torch.device("cuda")
     dit = build_dit("wan2.1-t2v-1.3b")
@@ -85,20 +91,21 @@ def caching(rows, steps: int):
     null = torch.zeros_like(ctx)
     text = TextEmbeds(ctx, null)
     s = build_config({}, {}, {"infer_steps": steps, "sample_shift": 5.0}).sampling
+    shapes = stage_shapes(s, 16, 8)
     base = None
     for method, preset in [("none", None)] + [(k, v) for k, v in PRESETS.items() if "t2v-1.3b" in k]:
         cache = apply_feature_caching(dit, preset) if preset else None
-        denoise = DenoiseStage(dit, dev, cache)
-        lat, secs = sync_time(lambda: denoise(text, None, 0, s, progress=False))
+        denoise = WanTransformer([Expert(dit, cache=cache)], dev)
+        lat, secs = sync_time(lambda: denoise.denoise(text, None, 0, s, shapes, RunContext(device=dev)))
         row = {"method": method, "denoise s": secs}
         if cache is not None:
             st = cache.stats()
             row["skipped"] = sum(b["skipped"] for b in st.values())
             row["evaluations"] = row["skipped"] + sum(b["computed"] for b in st.values())
-            row["rel L2 vs none"] = ((lat.latents - base).norm() / base.norm()).item()
+            row["rel L2 vs none"] = ((lat - base).norm() / base.norm()).item()
             cache.remove()
         else:
-            base = lat.latents
+            base = lat
         rows.append(row)
         print(row, flush=True)
 

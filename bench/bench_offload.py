@@ -142,7 +142,7 @@ def part_lazy(rows, dit, base_s):
 
 
 def lazy_child(folder: str):
-    from lightx2v.hooks.offload import load_dit_without_blocks
+    from lightx2v.models.wan.checkpoint import dit_lazy_tensors, load_dit_without_blocks
     from lightx2v.ops.attention import get_attention_backend
 
     torch.cuda.init()
@@ -151,7 +151,7 @@ def lazy_child(folder: str):
     attn = get_attention_backend("torch_sdpa", dtype=torch.bfloat16, head_dim=128, device=torch.device("cuda"))
     dit = load_dit_without_blocks(folder, "wan", attn=attn, device="cuda", dtype=torch.bfloat16)
     handle = apply_offload(dit, OffloadConfig(cpu_offload=True, offload_granularity="block", lazy_load=True),
-                           torch.device("cuda"), weights_source=(folder, "wan"))
+                           torch.device("cuda"), weights_source=dit_lazy_tensors(folder, "wan"))
     with handle.resident():
         s, mem, _ = time_steps(dit, inputs(dit.cfg))
     rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20

@@ -34,9 +34,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model_cls", default="wan2.1",
-                   help="model class: wan2.1, wan2.1_distill, wan2.2_moe (A14B), wan2.2_moe_distill, wan2.2 (TI2V-5B)")
-    p.add_argument("--task", default="t2v", help="t2v | i2v | flf2v")
+    from lightx2v.engine.family import all_tasks, default_model_cls, model_classes
+
+    p.add_argument("--model_cls", default=None, help=f"model class: {', '.join(model_classes())} (default "
+                   f"{default_model_cls()})")
+    p.add_argument("--task", default="t2v", help=" | ".join(all_tasks()))
     p.add_argument("--model_path", default=None, help="checkpoint folder (either layout); omit for the tiny model")
     p.add_argument("--config_json", default=None, help="LightX2V-style JSON config")
     p.add_argument("--prompt", default="", help="text prompt")
@@ -73,15 +75,17 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lightx2v", description="Fast video diffusion inference (Wan2.1 / Wan2.2).")
+    parser = _Parser(prog="lightx2v", description="Fast video and image diffusion inference.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     gen = sub.add_parser("generate", help="generate a video")
     _add_generate_args(gen)
     gen.set_defaults(func=_generate)
-    conv = sub.add_parser("convert", help="convert a checkpoint between the Wan and diffusers layouts")
+    from lightx2v.engine.family import convert_layouts
+
+    conv = sub.add_parser("convert", help="convert a checkpoint between its public layouts")
     conv.add_argument("src", help="source checkpoint folder (either layout)")
     conv.add_argument("dst", help="destination folder (must not exist or be empty)")
-    conv.add_argument("--layout", required=True, choices=["wan", "diffusers"], help="layout to write")
+    conv.add_argument("--layout", required=True, choices=list(convert_layouts()), help="layout to write")
     conv.add_argument("--quantize", default=None, choices=["fp8", "int8"],
                       help="store the DiT block linears quantized (for dit_quant_scheme)")
     conv.set_defaults(func=_convert)

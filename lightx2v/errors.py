@@ -11,3 +11,7 @@ class UserError(ValueError):
 
 class CheckpointError(UserError):
     """A checkpoint on disk is missing files or has missing/unexpected/mis-shaped tensors."""
+
+
+class Cancelled(Exception):
+    """A request was cancelled (its cancel token was set); raised at the next step or stage boundary."""

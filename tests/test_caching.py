@@ -330,32 +330,40 @@ def test_steps_beyond_the_announced_count_raise(model, inputs):
 
 
 def test_install_and_remove(model):
-    assert "run_blocks" not in vars(model) and "embed_time" not in vars(model)
+    stack = model.block_stack
+    assert stack.hooks == ()
     hook = apply_feature_caching(model, TeaCacheConfig(0.1, (1.0, 0.0), False))
-    assert "run_blocks" in vars(model) and "embed_time" in vars(model)
+    assert stack.hooks == (hook,) and "run_blocks" not in vars(model)  # a hook on the stack, no method replaced
     with pytest.raises(RuntimeError, match="already applied"):
         apply_feature_caching(model, FirstBlockCacheConfig(0.1))
     hook.remove()
     hook.remove()
-    assert "run_blocks" not in vars(model) and "embed_time" not in vars(model)
-    # composition: Tea/Mag call whatever run_blocks was there; FirstBlock refuses to bypass it
+    assert stack.hooks == ()
+    # composition: an inner block-stack hook (e.g. sequence parallel) runs under Tea's computed steps, and under
+    # FirstBlock's two partial runs (block 0, then blocks 1..N-1)
     seen = []
-    inner = model.run_blocks
-    model.run_blocks = lambda *args: seen.append(1) or inner(*args)
+
+    def inner_hook(inner, tokens, args, start, stop):
+        seen.append((start, stop))
+        return inner(tokens, args, start, stop)
+
+    stack.add_hook(inner_hook, order=0)
     try:
-        with pytest.raises(RuntimeError, match="bypass"):
-            apply_feature_caching(model, FirstBlockCacheConfig(0.1))
-        hook = apply_feature_caching(model, TeaCacheConfig(0.0, (1.0, 0.0), True))
-        hook.begin_generation(2)
-        x = torch.randn(1, 16, 1, 4, 4)
-        with torch.no_grad():
-            model(x, torch.tensor([900.0]), torch.randn(1, 8, 32))
-        assert seen == [1]
-        hook.remove()
+        x, ctx = torch.randn(1, 16, 1, 4, 4), torch.randn(1, 8, 32)
+        for cfg, want in ((TeaCacheConfig(0.0, (1.0, 0.0), True), [(0, None)]),
+                          (FirstBlockCacheConfig(0.0), [(0, 1), (1, None)])):
+            seen.clear()
+            hook = apply_feature_caching(model, cfg)
+            assert stack.hooks == (inner_hook, hook)  # caching outside the inner hook
+            hook.begin_generation(2)
+            with torch.no_grad():
+                model(x, torch.tensor([900.0]), ctx)
+            assert seen == want
+            hook.remove()
     finally:
-        del model.run_blocks
+        stack.remove_hook(inner_hook)
     noop = apply_feature_caching(model, {"feature_caching": "NoCaching"})
-    assert "run_blocks" not in vars(model)
+    assert stack.hooks == ()
     noop.set_branch("uncond")
     noop.begin_generation(3)
     assert noop.stats() == {}

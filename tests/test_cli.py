@@ -123,15 +123,19 @@ def test_shipped_configs_are_valid():
 
     from lightx2v.config import build_config, load_config_json
 
+    from lightx2v.engine.family import families
+
+    fams = families()
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.json")):
-        if path.parent.name == "qwen_image":  # checked by test_qwen_image_tiny until config.py knows the family
-            continue
+        if path.parent.name in ("hunyuan_video_15", "qwen_image"):  # not wired into config.py yet; their own
+            continue  # tests (test_hunyuan_video_15_configs, test_qwen_image_tiny) check them against the family
+        family = fams["z_image"] if "z_image" in path.name else fams["wan"]  # the family each config is for
         values = load_config_json(path)
         if "lora_configs" in values:  # example paths: check the rest of the file, and that the path is the problem
             with pytest.raises(UserError, match="LoRA file .* does not exist"):
-                build_config({}, values, {})
+                build_config({}, values, {}, family=family)
             values.pop("lora_configs")
-        build_config({}, values, {})
+        build_config({}, values, {}, family=family)
 
 
 def test_i2v_and_flf2v_on_tiny_models(tmp_path):

@@ -57,10 +57,10 @@ def test_feature_caching_threshold_zero_is_exact_and_threshold_skips():
     tea0 = LightX2VPipeline().create_generator(**SMALL, feature_caching="Tea", teacache_thresh=0.0,
                                                coefficients=[1.0, 0.0], use_ret_steps=False)
     assert torch.equal(_frames(tea0), base)
-    assert sum(b["skipped"] for b in tea0.runner.last_cache_stats.values()) == 0
+    assert sum(b["skipped"] for b in tea0.runner.transformer.last_cache_stats.values()) == 0
     fb = LightX2VPipeline().create_generator(**SMALL, feature_caching="FirstBlock", residual_diff_threshold=10.0)
     out = _frames(fb)
-    stats = fb.runner.last_cache_stats
+    stats = fb.runner.transformer.last_cache_stats
     assert stats["cond"]["skipped"] > 0 and stats["uncond"]["skipped"] > 0
     assert (out - base).abs().max() > 1e-4  # skipping changes the result
 

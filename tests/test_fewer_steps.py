@@ -24,15 +24,58 @@ def test_distill_schedule_is_lightx2v_formula():
     torch.testing.assert_close(s3.sigmas, torch.tensor([1.0, 0.75, 0.0]))  # 3 * 0.5 / (1 + 2 * 0.5)
 
 
-def test_distill_step_renoises_with_the_generator():
-    x, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
-    sched = StepDistillScheduler([1000, 500], shift=3.0, generator=torch.Generator().manual_seed(5))
+def lightx2v_step_distill_update(x, v, sigmas, i):
+    """LightX2V's WanStepDistillScheduler.step_post (and Wan22StepDistillScheduler's), written out: float32,
+    x0 = x - sigma_i * v, then (not at the last step) x0 + sigma_{i+1} * v. ``sigmas`` without the final 0."""
+    x0 = x.float() - sigmas[i] * v.float()
+    if i < len(sigmas) - 1:
+        x0 = x0 + v.float() * sigmas[i + 1]
+    return x0
+
+
+def test_distill_step_is_lightx2v_update():
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(1, 2, 3, 4, generator=g), torch.randn(1, 2, 3, 4, generator=g)
+    sched = StepDistillScheduler([1000, 500], shift=3.0)
     sched.set_timesteps()
+    sigmas = sched.sigmas[:-1].tolist()  # [1.0, 0.75]
     out = sched.step(v, x)
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(out, 0.25 * (x - 1.0 * v) + 0.75 * noise)
-    x2 = torch.randn_like(x)
+    torch.testing.assert_close(out, lightx2v_step_distill_update(x, v, sigmas, 0), rtol=0, atol=0)
+    torch.testing.assert_close(out, x - 0.25 * v)  # deterministic: the same velocity, sigma 1 -> 0.75
+    x2 = torch.randn(x.shape, generator=g)
     torch.testing.assert_close(sched.step(v, x2), x2 - 0.75 * v)  # last step: the clean prediction
+    # the update before this fix re-noised the clean prediction with fresh noise: far from LightX2V's
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    old = 0.25 * (x - 1.0 * v) + 0.75 * noise
+    assert (old - out).abs().max() > 0.5
+
+
+def _record_denoise(pipe):
+    """(latents in, velocity out) of every DiT forward of every expert, in call order."""
+    calls = []
+    out_dim = pipe.runner.transformer.experts[0].dit.cfg.out_dim
+    for e in pipe.runner.transformer.experts:
+        e.dit.register_forward_hook(lambda m, a, o: calls.append((a[0][:, :out_dim].float().clone(), o.float())))
+    return calls
+
+
+@pytest.mark.parametrize("model_cls,task", [("wan2.1_distill", "t2v"), ("wan2.2_moe_distill", "t2v")])
+def test_distill_trajectory_follows_lightx2v_update(model_cls, task):
+    """Each step's input latents equal LightX2V's update applied to the previous step's latents and velocity
+    (no CFG: one forward per step), on the built-in tiny models; the result is the last update's output."""
+    pipe = LightX2VPipeline(model_cls=model_cls, task=task).create_generator(**SMALL)
+    calls = _record_denoise(pipe)
+    pipe.generate(seed=3, prompt="a cat", return_result_tensor=True, progress=False)
+    assert len(calls) == 4
+    sched = StepDistillScheduler(pipe.config.sampling.denoising_step_list, shift=pipe.config.sampling.sample_shift)
+    sched.set_timesteps()
+    sigmas = sched.sigmas[:-1].tolist()
+    for i in range(3):
+        x, v = calls[i]
+        want = lightx2v_step_distill_update(x, v, sigmas, i)
+        torch.testing.assert_close(calls[i + 1][0], want, rtol=0, atol=1e-6)
+        # the velocity matters: the old update (fresh noise) lands far away
+        assert (calls[i + 1][0] - ((1 - sigmas[i + 1]) * (x - sigmas[i] * v))).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("bad", [[1000, 1000], [250, 500], [0], [], [1001], [1000.0]])
@@ -51,7 +94,7 @@ def test_step_count_must_agree():
 
 def _count_forwards(pipe):
     calls = []
-    pipe.runner.denoise.dit.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
+    pipe.runner.transformer.dit.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
     return calls
 
 
@@ -75,7 +118,7 @@ def test_dit_original_ckpt_replaces_the_dit_weights(tmp_path):
     save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()}, str(distilled))
     base = LightX2VPipeline().create_generator(**SMALL, infer_steps=3)
     other = LightX2VPipeline().create_generator(**SMALL, infer_steps=3, dit_original_ckpt=str(distilled))
-    assert torch.equal(other.runner.denoise.dit.blocks[0].ffn[0].weight, sd["blocks.0.ffn.0.weight"])
+    assert torch.equal(other.runner.transformer.dit.blocks[0].ffn[0].weight, sd["blocks.0.ffn.0.weight"])
     _, a = base.generate(seed=1, prompt="x", return_result_tensor=True, progress=False)
     _, b = other.generate(seed=1, prompt="x", return_result_tensor=True, progress=False)
     assert (a - b).abs().max() > 1e-3

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from lightx2v.errors import CheckpointError, UserError
 from lightx2v.hooks.offload import (
-    CheckpointBlocks, OffloadConfig, apply_offload, load_dit_without_blocks,
+    OffloadConfig, apply_offload,
 )
 from lightx2v.models.wan.arch import PRESETS
-from lightx2v.models.wan.checkpoint import save_dit
+from lightx2v.models.wan.checkpoint import dit_lazy_tensors, load_dit_without_blocks, save_dit
 from lightx2v.models.wan.dit import WanDiT
 from lightx2v.ops.attention import get_attention_backend
 
@@ -290,9 +290,9 @@ def test_lazy_load_bit_identical(plain, saved, granularity, source):
     ref_model, ref = plain
     model = copy.deepcopy(ref_model)
     if source == "folder+layout":
-        ws = (saved / "wan", "wan")
+        ws = dit_lazy_tensors(saved / "wan", "wan")
     elif source == "diffusers-folder":
-        ws = saved / "diffusers"  # layout detected
+        ws = dit_lazy_tensors(saved / "diffusers", "diffusers")
     else:
         sd = {k: v.clone() for k, v in ref_model.state_dict().items()}
         ws = lambda i: {k: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")}  # noqa: E731
@@ -320,7 +320,7 @@ def test_lazy_load_into_a_model_built_without_blocks(plain, saved):
     assert all(p.device.type == "meta" for p in model.blocks.parameters())
     assert model.patch_embedding.weight.device == CPU
     handle = apply_offload(model, offload_cfg("phase", lazy_load=True, num_prefetch=2), CPU,
-                           weights_source=CheckpointBlocks(saved / "wan", "wan"))
+                           weights_source=dit_lazy_tensors(saved / "wan", "wan"))
     for _ in range(2):
         assert torch.equal(run(model), ref)
     handle.remove()
@@ -333,7 +333,7 @@ def test_lazy_load_checks_the_checkpoint(plain, tmp_path):
     save_dit(sd, ref_model.cfg, tmp_path, "wan")
     with pytest.raises(CheckpointError, match="blocks.2.ffn.0.weight"):
         apply_offload(copy.deepcopy(ref_model), offload_cfg("block", lazy_load=True), CPU,
-                      weights_source=(tmp_path, "wan"))
+                      weights_source=dit_lazy_tensors(tmp_path, "wan"))
 
 
 def test_lazy_load_reports_bad_callable_in_the_forward(plain):
@@ -399,7 +399,8 @@ def test_quantized_lazy_load(quantized, tmp_path):
     ref_model, ref = quantized
     save_dit(ref_model.state_dict(), ref_model.cfg, tmp_path, "wan")
     model = copy.deepcopy(ref_model)
-    handle = apply_offload(model, offload_cfg("block", lazy_load=True), CPU, weights_source=(tmp_path, "wan"))
+    handle = apply_offload(model, offload_cfg("block", lazy_load=True), CPU,
+                           weights_source=dit_lazy_tensors(tmp_path, "wan"))
     for _ in range(2):
         assert torch.equal(run(model), ref)
     handle.remove()
@@ -450,7 +451,7 @@ class TestGPU:
         ws = None
         if lazy:
             save_dit(model.state_dict(), model.cfg, tmp_path, "wan")
-            ws = (tmp_path, "wan")
+            ws = dit_lazy_tensors(tmp_path, "wan")
         handle = apply_offload(model, offload_cfg(granularity, lazy_load=lazy), torch.device("cuda"),
                                weights_source=ws)
         torch.cuda.synchronize()

@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightx2v.hooks.offload import EMBEDDINGS, OffloadConfig, _SlotOffload, apply_offload
+from lightx2v.hooks.offload import OffloadConfig, _SlotOffload, apply_offload
 from lightx2v.models.wan.arch import PRESETS
-from lightx2v.models.wan.checkpoint import save_dit
-from lightx2v.models.wan.dit import CrossAttention, SelfAttention
+from lightx2v.models.wan.checkpoint import dit_lazy_tensors, save_dit
+from lightx2v.models.wan.dit import CrossAttention, SelfAttention, WanDiT
 from lightx2v.ops.attention import get_attention_backend
 
 from test_offload import CPU, make_dit, offload_cfg, slot_storages
@@ -53,7 +53,7 @@ def storage(t: torch.Tensor) -> int:
 
 def embedding_tensors(model) -> dict[str, torch.Tensor]:
     out = {}
-    for name in EMBEDDINGS:
+    for name in WanDiT.hook_plan.embeddings:
         m = getattr(model, name, None)
         if m is not None:
             out.update({f"{name}.{k}": v for k, v in m.named_parameters()})
@@ -141,7 +141,7 @@ def test_lazy_load_reads_only_blocks(i2v_plain, tmp_path):
     for embeddings in (False, True):
         model = copy.deepcopy(ref_model)
         handle = apply_offload(model, offload_cfg("phase", lazy_load=True, offload_embeddings=embeddings), CPU,
-                               weights_source=(tmp_path, "wan"))
+                               weights_source=dit_lazy_tensors(tmp_path, "wan"))
         for _ in range(2):
             assert torch.equal(forward(model, i2v_inputs()), ref)
         st = handle.stats()
@@ -155,8 +155,8 @@ def test_lazy_load_reads_only_blocks(i2v_plain, tmp_path):
 
 
 def test_embeddings_with_a_feature_cache(i2v_plain):
-    """TeaCache replaces run_blocks on the instance and skips every block on most steps here: the embeddings are
-    then released by the model's forward hook."""
+    """TeaCache (a block-stack hook) skips every block on most steps here: the embeddings are then released by the
+    model's forward hook."""
     from lightx2v.hooks.caching import PRESETS as CACHE_PRESETS
     from lightx2v.hooks.caching import apply_feature_caching
 
@@ -188,11 +188,11 @@ def test_lazy_load_embeddings_after_a_pending_block(i2v_plain):
     import time
 
     ref_model, _ = i2v_plain
-    def first_block_only(m):  # a run_blocks that runs block 0 only (as FirstBlock caching does on a hit)
-        return lambda tokens, e, ctx, ctx_img, rope: m.blocks[0](tokens, e, ctx, ctx_img, rope)
+    def first_block_only(m):  # a block-stack hook that runs block 0 only (as FirstBlock caching does on a hit)
+        m.block_stack.add_hook(lambda inner, tokens, args, start, stop: inner(tokens, args, 0, 1), order=100)
 
     plain = copy.deepcopy(ref_model)
-    plain.run_blocks = first_block_only(plain)
+    first_block_only(plain)
     ref = forward(plain, i2v_inputs())
     sd = {k: v.clone() for k, v in ref_model.state_dict().items()}
     slow = threading.Event()
@@ -205,7 +205,7 @@ def test_lazy_load_embeddings_after_a_pending_block(i2v_plain):
 
     model = copy.deepcopy(ref_model)
     handle = apply_offload(model, offload_cfg("block", lazy_load=True), CPU, weights_source=source)
-    model.run_blocks = first_block_only(model)
+    first_block_only(model)
     # The embeddings take a while to run (as a GPU would, asynchronously): long enough for the slow read to land.
     model.text_embedding.register_forward_pre_hook(lambda m, a: time.sleep(0.6) if slow.is_set() else None)
     for _ in range(3):
@@ -221,20 +221,21 @@ class _Sized(nn.Module):
 
 def test_embedding_packing():
     m = nn.Module()
-    for name, n in zip(EMBEDDINGS, (4, 8, 12, 5, 3)):  # patch, time, time_projection, text, img (x 256 bytes)
+    names = WanDiT.hook_plan.embeddings
+    for name, n in zip(names, (4, 8, 12, 5, 3)):  # patch, time, time_projection, text, img (x 256 bytes)
         setattr(m, name, _Sized(n))
     # A slot of 10: the time projection (12) grows the slots (2 slots x 2 more < 12); first fit, largest first:
     # [time_projection], [time_embedding, patch_embedding]; text and img fit nowhere and stay resident.
-    units, slot = _SlotOffload._embedding_units(m, 10 * 256, num_slots=2)
+    units, slot = _SlotOffload._embedding_units(m, names, 10 * 256, num_slots=2)
     assert slot == 12 * 256
     assert [[e.name for e in u.entries] for u in units] == [["time_projection.w"],
                                                             ["time_embedding.w", "patch_embedding.w"]]
     # Growing would cost as much as keeping it (6 slots x 2 = 12): it stays resident, the rest packs in 3 units.
-    units, slot = _SlotOffload._embedding_units(m, 10 * 256, num_slots=6)
+    units, slot = _SlotOffload._embedding_units(m, names, 10 * 256, num_slots=6)
     assert slot == 10 * 256
     assert [[e.name for e in u.entries] for u in units] == [["time_embedding.w"], ["text_embedding.w",
                                                             "patch_embedding.w"], ["img_emb.w"]]
-    assert _SlotOffload._embedding_units(nn.Linear(2, 2), 256, 2) == ([], 256)  # not a Wan DiT: nothing
+    assert _SlotOffload._embedding_units(nn.Linear(2, 2), names, 256, 2) == ([], 256)  # not a Wan DiT: nothing
 
 
 def test_config_flag_is_checked():

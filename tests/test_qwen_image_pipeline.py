@@ -119,6 +119,7 @@ def test_text_encoder_checkpoint_names(saved, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from lightx2v import loading
     from lightx2v.models.qwen_image import text_encoder as te_mod
 
     folder, _ = saved["t2i"]
@@ -151,11 +152,11 @@ def test_text_encoder_checkpoint_names(saved, tmp_path):
             read.append(k)
             return self.f.get_tensor(k)
 
-    te_mod.safe_open, original = Recording, te_mod.safe_open
+    loading.safe_open, original = Recording, loading.safe_open
     try:
         te = te_mod.load_text_encoder(tmp_path)
     finally:
-        te_mod.safe_open = original
+        loading.safe_open = original
     ref = te_mod.load_text_encoder(folder)
     assert "lm_head.weight" not in read and len(read) == len(old) - 1
     assert all(torch.equal(v, ref.model.state_dict()[k]) for k, v in te.model.state_dict().items())
@@ -246,8 +247,7 @@ def test_sizes_from_aspect_ratio_and_defaults(saved):
 def test_each_stage_opens_only_its_own_files(saved, monkeypatch, small_areas):
     from safetensors import safe_open
 
-    from lightx2v.models.qwen_image import text_encoder, vae
-    from lightx2v.models.wan import checkpoint
+    from lightx2v import loading
 
     folder, _ = saved["edit_plus"]
     opened = []
@@ -256,8 +256,7 @@ def test_each_stage_opens_only_its_own_files(saved, monkeypatch, small_areas):
         opened.append(str(path))
         return safe_open(path, *a, **k)
 
-    for module in (text_encoder, vae, checkpoint):
-        monkeypatch.setattr(module, "safe_open", recording)
+    monkeypatch.setattr(loading, "safe_open", recording)  # every loader opens safetensors through loading.py
 
     def components(stage_cls):
         opened.clear()

@@ -21,7 +21,7 @@ def test_cfg_batch_matches_two_forwards():
     base = LightX2VPipeline().create_generator(**SMALL, cfg_batch=False)
     batched = LightX2VPipeline().create_generator(**SMALL, cfg_batch=True)
     calls = []
-    batched.runner.denoise.dit.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    batched.runner.transformer.dit.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     a, b = _frames(base), _frames(batched)
     assert calls == [2] * 4  # one forward of batch 2 per step
     assert (a - b).abs().max() < 1e-4
@@ -33,7 +33,7 @@ def test_encoder_offload_and_unload_give_the_same_video():
         pipe = LightX2VPipeline().create_generator(**SMALL, **kw)
         assert torch.equal(_frames(pipe), base), kw
     unloaded = LightX2VPipeline().create_generator(**SMALL, unload_modules=True)
-    assert unloaded.runner.encode.text_encoder.obj is None and unloaded.runner.decode.vae.obj is None
+    assert unloaded.runner.encoder.text_encoder.obj is None and unloaded.runner.decoder.vae.obj is None
     _frames(unloaded)
     assert unloaded.runner.last_memory["host RSS"] > 0.01
 
@@ -61,7 +61,7 @@ def test_dit_offload_through_the_pipeline_is_exact(kw):
     base = _frames(LightX2VPipeline().create_generator(**SMALL))
     pipe = LightX2VPipeline().create_generator(**SMALL, cpu_offload=True, **kw)
     assert torch.equal(_frames(pipe), base)
-    assert pipe.runner.offload.stats().copies > 0 or kw["offload_granularity"] == "model"
+    assert pipe.runner.transformer.experts[0].offload.stats().copies > 0 or kw["offload_granularity"] == "model"
 
 
 def test_offload_option_errors():

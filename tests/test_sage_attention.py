@@ -228,6 +228,45 @@ def test_input_checks():
 
 # --- (b) Triton interpreter ---------------------------------------------------------------------------------------
 
+def _interpreter_fma_is_fused() -> bool:
+    """Whether the interpreter's ``tl.fma`` rounds once, as the GPU's FFMA does. a = b = 1 + 2**-12,
+    c = -(1 + 2**-11): a*b + c = 2**-24 exactly; a*b rounded to fp32 first (1 + 2**-11) gives 0."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle, interpreter_builder
+
+    a = TensorHandle(np.array([1 + 2.0**-12], dtype=np.float32), tl.float32)
+    c = TensorHandle(np.array([-(1 + 2.0**-11)], dtype=np.float32), tl.float32)
+    return float(interpreter_builder.create_fma(a, a, c).data[0]) == 2.0**-24
+
+
+def _use_fused_fma_in_interpreter() -> bool:
+    """Triton's interpreter before 3.9 computes ``tl.fma(x, y, z)`` as ``x * y + z`` in the operands' dtype:
+    two roundings. A GPU's FFMA rounds once, and the sage kernel depends on it: ``fma(f, c, -bias)`` with
+    ``f = 1.5 * 2**23 + s`` cancels two numbers of ~1e7 * c, so rounding ``f * c`` first moves the exponent by up
+    to half an ulp of ``f * c`` (~0.5% on p; 5e-4 relative L2 on the kernel output under Triton 3.8). Replace it
+    with one rounding: in float64 the fp32 product is exact (48 bits), the sum rounds to 53 bits and then to 24;
+    the two roundings differ from one only when the float64 sum lands on an fp32 rounding midpoint, an error of
+    at most one fp32 ulp in such rare elements (far below the 1e-5 tolerance). Returns whether it patched."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    if _interpreter_fma_is_fused():
+        return False
+    original = interpreter.InterpreterBuilder.create_fma
+
+    def create_fma(self, x, y, z):
+        dtype = z.data.dtype
+        if dtype not in (np.float32, np.float16):
+            return original(self, x, y, z)
+        exact = np.multiply(x.data, y.data, dtype=np.float64) + z.data.astype(np.float64)
+        return interpreter.TensorHandle(exact.astype(dtype), z.dtype.scalar)
+
+    interpreter.InterpreterBuilder.create_fma = create_fma
+    assert _interpreter_fma_is_fused()
+    return True
+
+
 def _interpreter_checks() -> dict:
     """Runs in the subprocess, with TRITON_INTERPRET=1 set before triton is imported."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
@@ -237,7 +276,7 @@ def _interpreter_checks() -> dict:
     import lightx2v.ops.attention.sage as S
 
     globals()["S"] = S  # the interpreter resolves names in a kernel through the module's globals
-    res: dict = {}
+    res: dict = {"triton": triton.__version__, "fma_patched": _use_fused_fma_in_interpreter()}
 
     # the fp32 -> e4m3 rounding used in place of the interpreter's (wrong) cast
     @triton.jit

@@ -404,7 +404,8 @@ def test_unreadable_files(wan_dir, tiny, tmp_path):
         load_text_encoder(wan_dir, "wan")
     d = _copy(tiny["diffusers_dir"], tmp_path / "d")
     (d / "text_encoder" / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file, it is corrupt "
+                                              "or incomplete"):
         load_text_encoder(d, "diffusers")
 
 

@@ -56,7 +56,7 @@ def ours(model_dir, task="t2v", guidance=(4.0, 3.0), seed=7, image=None, model_c
 
 def timesteps_of(pipe_ours):
     s = pipe_ours.config.sampling
-    sched = pipe_ours.runner.denoise._scheduler(s, s.sample_shift, torch.Generator())
+    sched = pipe_ours.runner.transformer.scheduler(s, s.sample_shift)
     return [int(t) for t in sched.timesteps]
 
 
@@ -107,7 +107,7 @@ def test_a14b_offload_and_default_boundary(moe_t2v):
     pipe = LightX2VPipeline(model_path=model_dir, model_cls="wan2.2_moe", task="t2v")
     pipe.create_generator(device="cpu", sample_shift=FLOW_SHIFT, height=H, width=W, num_frames=F, infer_steps=STEPS,
                           cpu_offload=True, offload_granularity="model")
-    experts = pipe.runner.denoise.experts
+    experts = pipe.runner.transformer.experts
     seen = []
     for me, other in ((experts[0], experts[1]), (experts[1], experts[0])):
         me.dit.register_forward_pre_hook(lambda m, a, me=me, other=other: seen.append(
@@ -171,8 +171,8 @@ def test_per_frame_timesteps_match_diffusers():
 
 
 def _count_calls(pipe_ours) -> list[int]:
-    counts = [0] * len(pipe_ours.runner.denoise.experts)
-    for i, e in enumerate(pipe_ours.runner.denoise.experts):
+    counts = [0] * len(pipe_ours.runner.transformer.experts)
+    for i, e in enumerate(pipe_ours.runner.transformer.experts):
         e.dit.register_forward_hook(lambda m, a, o, i=i: counts.__setitem__(i, counts[i] + 1))
     return counts
 
@@ -209,8 +209,8 @@ def test_moe_lora_goes_to_its_expert(tmp_path):
     plain = LightX2VPipeline(model_cls="wan2.2_moe", task="t2v").create_generator(device="cpu")
     pipe = LightX2VPipeline(model_cls="wan2.2_moe", task="t2v").create_generator(
         device="cpu", lora_configs=[{"path": str(lora), "strength": 1.0, "name": "high_noise_model"}])
-    q = [e.dit.blocks[0].self_attn.q.weight for e in pipe.runner.denoise.experts]
-    q0 = [e.dit.blocks[0].self_attn.q.weight for e in plain.runner.denoise.experts]
+    q = [e.dit.blocks[0].self_attn.q.weight for e in pipe.runner.transformer.experts]
+    q0 = [e.dit.blocks[0].self_attn.q.weight for e in plain.runner.transformer.experts]
     assert not torch.equal(q[0], q0[0]) and torch.equal(q[1], q0[1])
 
 
@@ -279,11 +279,11 @@ def test_tiny_ti2v_builtin(task, tmp_path):
     path, frames = pipe.generate(seed=3, prompt="a cat", image_path=image, save_result_path=tmp_path / "o.mp4",
                                  return_result_tensor=True, progress=False)
     assert frames.shape == (5, 64, 96, 3) and path.is_file()
-    assert pipe.runner.encode.vae_spatial == 16 and pipe.config.sampling.fps == 24
+    assert pipe.runner.encoder.vae_spatial == 16 and pipe.config.sampling.fps == 24
     with pytest.raises(UserError, match="divisible by 32"):
         LightX2VPipeline(model_cls="wan2.2", task=task).create_generator(device="cpu", height=48, width=96)
     with pytest.raises(UserError, match="use model_cls 'wan2.2'"):  # a TI2V-5B folder under another model class
-        LightX2VPipeline(model_path=pipe.model_path or pipe.runner.root, model_cls="wan2.1",
+        LightX2VPipeline(model_path=pipe.model_path or pipe.runner.info['model_path'], model_cls="wan2.1",
                          task=task).create_generator(device="cpu")
 
 

@@ -30,37 +30,41 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def tiny_clip(seed: int = 4):
+def tiny_clip(seed: int = 4, image_size: int = 224):
+    """A toy CLIP vision tower: (image_size / 14)**2 + 1 tokens per image (257 at 224, as ViT-H/14)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     cfg = CLIPVisionConfig(hidden_size=160, intermediate_size=320, num_hidden_layers=3, num_attention_heads=2,
-                           image_size=224, patch_size=14, projection_dim=32, hidden_act="gelu")
+                           image_size=image_size, patch_size=14, projection_dim=32, hidden_act="gelu")
     model = CLIPVisionModel(cfg).eval()
     randomise(model, seed)
-    processor = CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}, do_center_crop=True,
+    processor = CLIPImageProcessor(crop_size=image_size, size={"shortest_edge": image_size}, do_center_crop=True,
                                    image_mean=[0.48145466, 0.4578275, 0.40821073],
                                    image_std=[0.26862954, 0.26130258, 0.27577711], resample=3)
     return model, processor
 
 
-def build_diffusers_wan_i2v_pipeline(tok_dir, flf: bool = False):
+def build_diffusers_wan_i2v_pipeline(tok_dir, flf: bool = False, clip_image_size: int = 224):
+    """I2V (or FLF2V) at toy size; FLF2V's pos_embed_seq_len is twice the CLIP's tokens per image."""
     import diffusers
 
-    t2v = build_diffusers_wan_pipeline(tok_dir, in_channels=36, image_dim=160, flf=flf)
-    clip, processor = tiny_clip()
+    tokens = (clip_image_size // 14) ** 2 + 1
+    t2v = build_diffusers_wan_pipeline(tok_dir, in_channels=36, image_dim=160, flf=flf, pos_embed_seq_len=2 * tokens)
+    clip, processor = tiny_clip(image_size=clip_image_size)
     return diffusers.WanImageToVideoPipeline(
         tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, transformer=t2v.transformer, vae=t2v.vae,
         scheduler=t2v.scheduler, image_encoder=clip, image_processor=processor)
 
 
-def tiny_diffusers_dit(in_channels: int = 16, out_channels: int = 16, image_dim=None, flf: bool = False, seed: int = 2):
+def tiny_diffusers_dit(in_channels: int = 16, out_channels: int = 16, image_dim=None, flf: bool = False, seed: int = 2,
+                       pos_embed_seq_len: int = 2 * 257):
     import diffusers
 
     dit = diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=in_channels,
         out_channels=out_channels, text_dim=32, freq_dim=64, ffn_dim=96, num_layers=2, cross_attn_norm=True, eps=1e-6,
         image_dim=image_dim, added_kv_proj_dim=48 if image_dim else None,
-        pos_embed_seq_len=2 * 257 if flf else None).eval()
+        pos_embed_seq_len=pos_embed_seq_len if flf else None).eval()
     randomise(dit, seed)
     with torch.no_grad():  # make the prompt matter among 512 mostly padded text tokens
         for block in dit.blocks:
@@ -132,7 +136,8 @@ def build_diffusers_wan22_ti2v_pipeline(tok_dir, task: str):
     return diffusers.WanPipeline(**parts, expand_timesteps=True)
 
 
-def build_diffusers_wan_pipeline(tok_dir, in_channels: int = 16, image_dim=None, flf: bool = False):
+def build_diffusers_wan_pipeline(tok_dir, in_channels: int = 16, image_dim=None, flf: bool = False,
+                                 pos_embed_seq_len: int = 2 * 257):
     import diffusers
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -141,7 +146,7 @@ def build_diffusers_wan_pipeline(tok_dir, in_channels: int = 16, image_dim=None,
                                      num_heads=4, relative_attention_num_buckets=32, feed_forward_proj="gated-gelu",
                                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)).eval()
     randomise(t5, 1)
-    dit = tiny_diffusers_dit(in_channels, image_dim=image_dim, flf=flf)
+    dit = tiny_diffusers_dit(in_channels, image_dim=image_dim, flf=flf, pos_embed_seq_len=pos_embed_seq_len)
     vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                                      temperal_downsample=[False, True, True]).eval()
     randomise(vae, 3)

@@ -49,6 +49,8 @@ import torch
 import torch.nn as nn
 
 from lightx2v.errors import UserError
+from lightx2v.models.block_stack import ORDER_CACHE
+from lightx2v.validate import check_bool, check_int, check_number, is_number
 
 BRANCHES = ("cond", "uncond")
 METHODS = ("NoCaching", "Tea", "Mag", "FirstBlock")
@@ -196,31 +198,8 @@ _METHOD_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 CACHE_KEYS = frozenset({"feature_caching"}.union(*(req + opt for req, opt in _METHOD_KEYS.values())))
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check_number(name: str, v: Any, lo: float | None = None, hi: float | None = None) -> float:
-    if not _is_number(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f" in [{lo}, {hi}]" if lo is not None and hi is not None else f" >= {lo}" if lo is not None else ""
-        raise UserError(f"{name}={v!r} must be a finite number{rng}")
-    return float(v)
-
-
-def _check_int(name: str, v: Any, lo: int) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise UserError(f"{name}={v!r} must be an integer >= {lo}")
-    return v
-
-
-def _check_bool(name: str, v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise UserError(f"{name}={v!r} must be true or false")
-    return v
-
-
 def _numbers(name: str, seq: Any, positive: bool = False) -> tuple[float, ...]:
-    if not isinstance(seq, (list, tuple)) or not seq or not all(_is_number(v) and (v > 0 or not positive) for v in seq):
+    if not isinstance(seq, (list, tuple)) or not seq or not all(is_number(v) and (v > 0 or not positive) for v in seq):
         what = "positive finite numbers" if positive else "finite numbers"
         raise UserError(f"{name} must be a non-empty list of {what}, got {seq!r}")
     return tuple(float(v) for v in seq)
@@ -296,8 +275,8 @@ class TeaCacheConfig(CacheConfig):
     use_ret_steps: bool
 
     def __post_init__(self):
-        _check_number("teacache_thresh", self.teacache_thresh, lo=0.0)
-        _check_bool("use_ret_steps", self.use_ret_steps)
+        check_number("teacache_thresh", self.teacache_thresh, lo=0.0)
+        check_bool("use_ret_steps", self.use_ret_steps)
         c = self.coefficients
         if _is_nested(c):
             if len(c) != 2:
@@ -320,10 +299,10 @@ class MagCacheConfig(CacheConfig):
     magcache_calibration: bool = False
 
     def __post_init__(self):
-        _check_number("magcache_thresh", self.magcache_thresh, lo=0.0)
-        _check_int("magcache_K", self.magcache_K, lo=0)
-        _check_number("magcache_retention_ratio", self.magcache_retention_ratio, lo=0.0, hi=1.0)
-        _check_bool("magcache_calibration", self.magcache_calibration)
+        check_number("magcache_thresh", self.magcache_thresh, lo=0.0)
+        check_int("magcache_K", self.magcache_K, lo=0)
+        check_number("magcache_retention_ratio", self.magcache_retention_ratio, lo=0.0, hi=1.0)
+        check_bool("magcache_calibration", self.magcache_calibration)
         r = self.magcache_ratios
         if r is None or (isinstance(r, (list, tuple)) and len(r) == 0):
             if not self.magcache_calibration:
@@ -352,8 +331,8 @@ class FirstBlockCacheConfig(CacheConfig):
     downsample_factor: int = 1  # compare every n-th channel of block 0's residual (LightX2V ships 2)
 
     def __post_init__(self):
-        _check_number("residual_diff_threshold", self.residual_diff_threshold, lo=0.0)
-        _check_int("downsample_factor", self.downsample_factor, lo=1)
+        check_number("residual_diff_threshold", self.residual_diff_threshold, lo=0.0)
+        check_int("downsample_factor", self.downsample_factor, lo=1)
 
 
 _CONFIG_CLASSES: dict[str, type] = {"NoCaching": NoCacheConfig, "Tea": TeaCacheConfig, "Mag": MagCacheConfig,
@@ -395,8 +374,9 @@ class _BranchState:
 class CacheHook:
     """Handle of an installed caching hook: select the branch, start a generation, read stats, remove.
 
-    Replaces ``model.run_blocks`` on the instance (the class method is untouched); ``remove()`` restores what was
-    there. Not thread-safe: one hook serves one generation at a time.
+    Attaches to the model's block stack (``model.block_stack``, order ``ORDER_CACHE``: outside any sequence-parallel
+    split, so every rank sees whole sequences and takes the same decision); nothing of the model is replaced.
+    ``remove()`` detaches it. Not thread-safe: one hook serves one generation at a time.
     """
 
     method: ClassVar[str] = "NoCaching"
@@ -408,7 +388,7 @@ class CacheHook:
         self.num_steps: int | None = None
         self._branch = "cond"
         self._states: dict[str, _BranchState] = {}
-        self._installed: list[tuple[str, Any, Any]] = []  # (attribute, our function, previous instance value)
+        self._attached = False
         self.reset()
 
     # -- state --
@@ -423,8 +403,7 @@ class CacheHook:
 
     def begin_generation(self, num_steps: int) -> None:
         """Start a generation of ``num_steps`` denoising steps (each branch calls the DiT once per step)."""
-        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-            raise UserError(f"num_steps={num_steps!r} must be an integer >= 1")
+        check_int("num_steps", num_steps, lo=1)
         self.reset()
         self.num_steps = num_steps
 
@@ -447,35 +426,26 @@ class CacheHook:
                 for b, s in self._states.items()}
 
     # -- installation --
-    def _install(self, name: str, fn) -> None:
-        prev = vars(self.model).get(name, _MISSING)
-        setattr(self.model, name, fn)
-        self._installed.append((name, fn, prev))
+    def _attach(self) -> None:
+        stack = getattr(self.model, "block_stack", None)
+        if stack is None:
+            raise TypeError(f"{type(self.model).__name__} has no block_stack (lightx2v.models.block_stack.BlockStack) "
+                            "to hook")
+        if any(isinstance(h, CacheHook) for h in stack.hooks):
+            raise RuntimeError("feature caching is already applied to this model; remove() that hook first")
+        stack.add_hook(self, order=ORDER_CACHE)
+        self._attached = True
 
     def remove(self) -> None:
-        """Restore the model's methods; calling it twice is harmless."""
-        for name, fn, _ in self._installed:
-            if vars(self.model).get(name, _MISSING) is not fn:
-                raise RuntimeError(f"model.{name} was replaced after this {self.method} hook was applied; "
-                                   "remove the later hook first")
-        for name, _, prev in reversed(self._installed):
-            if prev is _MISSING:
-                delattr(self.model, name)
-            else:
-                setattr(self.model, name, prev)
-        self._installed.clear()
-
-    def _install_run_blocks(self) -> None:
-        current = getattr(self.model, "run_blocks", None)
-        if current is None:
-            raise TypeError(f"{type(self.model).__name__} has no run_blocks(tokens, e, ctx, ctx_img, rope) to hook")
-        if isinstance(getattr(current, "__self__", None), CacheHook):
-            raise RuntimeError("feature caching is already applied to this model; remove() that hook first")
-        self._inner_run_blocks = current  # whatever ran before: the class method or an earlier hook
-        self._install("run_blocks", self._run_blocks)
+        """Detach from the block stack; calling it twice is harmless."""
+        if self._attached:
+            self.model.block_stack.remove_hook(self)
+            self._attached = False
 
     # -- the step --
-    def _run_blocks(self, tokens, e, ctx, ctx_img, rope):
+    def __call__(self, inner, tokens, args, start: int = 0, stop: int | None = None):
+        if (start, stop) != (0, None):  # an outer hook runs part of the stack: not a step of ours
+            return inner(tokens, args, start, stop)
         st = self._states[self._branch]
         step = st.step
         if self.num_steps is None and self._needs_num_steps:
@@ -483,7 +453,7 @@ class CacheHook:
         if self.num_steps is not None and step >= self.num_steps:
             raise RuntimeError(f"branch {self._branch!r} ran more than the {self.num_steps} steps announced by "
                                "begin_generation(); call it again before each generation")
-        out, skipped = self._step(self._branch, st, step, tokens, e, ctx, ctx_img, rope)
+        out, skipped = self._step(self._branch, st, step, inner, tokens, args)
         st.step += 1
         if skipped:
             st.skipped_steps.append(step)
@@ -491,15 +461,15 @@ class CacheHook:
             st.computed += 1
         return out
 
-    def _step(self, branch, st, step, tokens, e, ctx, ctx_img, rope) -> tuple[torch.Tensor, bool]:
+    def _step(self, branch, st, step, inner, tokens, args) -> tuple[torch.Tensor, bool]:
+        """One evaluation of the stack for ``branch``: (output tokens, skipped?). ``inner(tokens, args[, start,
+        stop])`` runs the blocks (through any hook inside this one); ``args`` is the model's per-forward block inputs
+        (``modulation``: the time projection e; ``temb``: the time embedding)."""
         raise NotImplementedError
 
 
-_MISSING = object()
-
-
 class NoCacheHook(CacheHook):
-    """``NoCaching``: installs nothing; the branch/generation calls are accepted and ignored; ``stats()`` is empty."""
+    """``NoCaching``: attaches nothing; the branch/generation calls are accepted and ignored; ``stats()`` is empty."""
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return {}
@@ -519,40 +489,19 @@ class TeaCacheHook(CacheHook):
 
     def __init__(self, model: nn.Module, cfg: TeaCacheConfig):
         super().__init__(model, cfg)
-        self._temb: torch.Tensor | None = None
-        embed_time = getattr(model, "embed_time", None)
-        if not cfg.use_ret_steps and embed_time is None:
-            raise TypeError(f"TeaCache without use_ret_steps needs {type(model).__name__}.embed_time(t)")
-        self._install_run_blocks()
-        if not cfg.use_ret_steps:
-            # The measured input is temb, which run_blocks does not receive: observe it where it is made.
-            self._inner_embed_time = embed_time
-            self._install("embed_time", self._embed_time)
+        self._attach()
 
     def _new_state(self) -> _TeaState:
         return _TeaState()
-
-    def reset(self) -> None:
-        super().reset()
-        self._temb = None
-
-    def _embed_time(self, t: torch.Tensor):
-        temb, e = self._inner_embed_time(t)
-        self._temb = temb
-        return temb, e
 
     def _must_compute(self, step: int) -> bool:
         if self.cfg.use_ret_steps:
             return step < TEA_RET_STEPS
         return step == 0 or step == self.num_steps - 1
 
-    def _step(self, branch, st: _TeaState, step, tokens, e, ctx, ctx_img, rope):
-        if self.cfg.use_ret_steps:
-            x = e
-        else:
-            if self._temb is None:
-                raise RuntimeError("TeaCache: embed_time() was not called before run_blocks() in this forward")
-            x, self._temb = self._temb, None
+    def _step(self, branch, st: _TeaState, step, inner, tokens, args):
+        # the measured input: the time projection e (use_ret_steps) or the time embedding temb
+        x = args.modulation if self.cfg.use_ret_steps else args.temb
         compute = True
         if not self._must_compute(step) and st.prev_input is not None and st.residual is not None:
             rescaled = _polyval(self.cfg.coefficients, _rel_l1(x, st.prev_input))
@@ -565,7 +514,7 @@ class TeaCacheHook(CacheHook):
             return tokens + st.residual, True
         st.accumulated = 0.0
         inp = tokens.clone()  # the blocks update the token stream in place
-        out = self._inner_run_blocks(tokens, e, ctx, ctx_img, rope)
+        out = inner(tokens, args)
         st.residual = out - inp
         return out, False
 
@@ -587,7 +536,7 @@ class MagCacheHook(CacheHook):
     def __init__(self, model: nn.Module, cfg: MagCacheConfig):
         super().__init__(model, cfg)
         self._tables: dict[str, tuple[float, ...]] = {}
-        self._install_run_blocks()
+        self._attach()
 
     def _new_state(self) -> _MagState:
         return _MagState()
@@ -606,7 +555,7 @@ class MagCacheHook(CacheHook):
             raise RuntimeError("calibration_result() needs a config with magcache_calibration=true")
         return [[round(v, 5) for v in self._states[b].ratios] for b in BRANCHES if self._states[b].ratios]
 
-    def _step(self, branch, st: _MagState, step, tokens, e, ctx, ctx_img, rope):
+    def _step(self, branch, st: _MagState, step, inner, tokens, args):
         cfg = self.cfg
         if (not cfg.magcache_calibration and st.residual is not None
                 and step >= int(self.num_steps * cfg.magcache_retention_ratio)):
@@ -617,7 +566,7 @@ class MagCacheHook(CacheHook):
                 return tokens + st.residual, True
             st.accumulated_ratio, st.accumulated_steps, st.accumulated_err = 1.0, 0, 0.0
         inp = tokens.clone()  # the blocks update the token stream in place
-        out = self._inner_run_blocks(tokens, e, ctx, ctx_img, rope)
+        out = inner(tokens, args)
         residual = out - inp
         del inp
         if cfg.magcache_calibration:
@@ -636,29 +585,23 @@ class _FirstBlockState(_BranchState):
 
 
 class FirstBlockCacheHook(CacheHook):
-    """Runs ``model.blocks`` itself, split after block 0 (hooks on the blocks still apply)."""
+    """Runs the stack in two parts, block 0 and blocks 1..N-1 (through any hook inside this one)."""
 
     method = "FirstBlock"
     cfg: FirstBlockCacheConfig
 
     def __init__(self, model: nn.Module, cfg: FirstBlockCacheConfig):
         super().__init__(model, cfg)
-        if not isinstance(getattr(model, "blocks", None), nn.ModuleList) or len(model.blocks) < 2:
-            raise TypeError("first-block caching needs model.blocks, an nn.ModuleList of at least 2 blocks")
-        earlier = vars(model).get("run_blocks")
-        if earlier is not None and not isinstance(getattr(earlier, "__self__", None), CacheHook):
-            raise RuntimeError("model.run_blocks is already replaced on this instance; first-block caching runs the "
-                               "blocks itself and would bypass that hook: apply feature caching first")
-        self._install_run_blocks()
+        if len(getattr(model, "block_stack", ())) < 2:
+            raise TypeError("first-block caching needs a block stack (model.block_stack) of at least 2 blocks")
+        self._attach()
 
     def _new_state(self) -> _FirstBlockState:
         return _FirstBlockState()
 
-    def _step(self, branch, st: _FirstBlockState, step, tokens, e, ctx, ctx_img, rope):
-        # The block loop of WanDiT.run_blocks, split after block 0 (same calls, so a computed step is bit-identical).
-        blocks = self.model.blocks
+    def _step(self, branch, st: _FirstBlockState, step, inner, tokens, args):
         inp = tokens.clone()  # the blocks update the token stream in place
-        h = blocks[0](tokens, e, ctx, ctx_img, rope)
+        h = inner(tokens, args, 0, 1)
         f = self.cfg.downsample_factor
         r0 = h - inp if f == 1 else (h - inp)[..., ::f].contiguous()
         del inp
@@ -670,9 +613,7 @@ class FirstBlockCacheHook(CacheHook):
         if skip:
             return h + st.rest_residual, True
         h0 = h.clone()
-        x = h
-        for i in range(1, len(blocks)):
-            x = blocks[i](x, e, ctx, ctx_img, rope)
+        x = inner(h, args, 1, None)
         st.rest_residual = x - h0
         return x, False
 
@@ -682,8 +623,9 @@ _HOOK_CLASSES: dict[type, type] = {NoCacheConfig: NoCacheHook, TeaCacheConfig: T
 
 
 def apply_feature_caching(model: nn.Module, cfg: CacheConfig | dict[str, Any]) -> CacheHook:
-    """Attach the caching method of ``cfg`` (a CacheConfig, or a dict of LightX2V keys) to ``model`` (a WanDiT, or
-    any module with ``run_blocks(tokens, e, ctx, ctx_img, rope)``). NoCaching returns a handle that does nothing."""
+    """Attach the caching method of ``cfg`` (a CacheConfig, or a dict of LightX2V keys) to ``model``'s block stack
+    (any model with a ``block_stack`` whose args carry ``modulation`` and ``temb``). NoCaching returns a handle that
+    does nothing."""
     if isinstance(cfg, dict):
         cfg = CacheConfig.from_lightx2v(cfg)
     hook_cls = _HOOK_CLASSES.get(type(cfg))

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from lightx2v.models.plan import blocks_of
+
 
 def apply_compile(model: nn.Module, *, mode: str | None = None, backend: str = "inductor",
                   fullgraph: bool = False, dynamic: bool | None = None) -> nn.Module:
-    """Compile every module in ``model.blocks`` in place (``nn.Module.compile``)."""
-    for block in model.blocks:
+    """Compile every transformer block (the hook plan's ``blocks``) in place (``nn.Module.compile``)."""
+    for block in blocks_of(model):
         block.compile(mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     return model
 
 
 def remove_compile(model: nn.Module) -> nn.Module:
-    for block in model.blocks:
+    for block in blocks_of(model):
         block._compiled_call_impl = None
     return model
 

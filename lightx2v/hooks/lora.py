@@ -13,7 +13,7 @@ Key layouts, told apart by the shape of each key and mapped onto the model's own
   are looked up the same way through the declared rename table of ``checkpoint.py``.
 * diffusers / PEFT: ``transformer.blocks.0.attn1.to_q.lora_A.weight`` / ``lora_B.weight`` (optional ``.alpha``,
   ``lora_B.bias``), also without the ``transformer.`` prefix or with PEFT's ``base_model.model.``; diffusers
-  module names go through ``dit_key_from_diffusers``. A diffusers-written safetensors file may carry its PEFT
+  module names go through the model's declared rename table (its hook plan's ``foreign_to_ours``). A diffusers-written safetensors file may carry its PEFT
   ``LoraConfig`` in the header (``lora_adapter_metadata``): its ``lora_alpha`` / ``alpha_pattern`` /
   ``use_rslora`` set the scale of modules that have no ``.alpha`` tensor.
 * original Wan names (LightX2V's and Wan trainers' LoRAs): ``diffusion_model.blocks.0.self_attn.q.lora_A.weight``
@@ -57,7 +57,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from lightx2v.errors import CheckpointError, UserError
-from lightx2v.models.wan.checkpoint import EXPERT_FOLDERS, dit_key_from_diffusers, dit_key_to_diffusers
+from lightx2v.models.plan import plan_of
+from lightx2v.ops.quant import dequantize_weight, is_quantized_dtype, quantize_weight
+from lightx2v.validate import is_number
 
 logger = logging.getLogger(__name__)
 
@@ -68,26 +70,24 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # --- configuration --------------------------------------------------------------------------------------------
 
 
-# two-expert models: a LoRA entry's "name" is the folder of the expert it is for (original Wan2.2 layout)
-EXPERT_NAMES = tuple(EXPERT_FOLDERS["wan"].values())
-
-
 @dataclass(frozen=True)
 class LoRASpec:
     """One LoRA file and the strength it is applied with."""
 
     path: str
     strength: float = 1.0
-    name: str | None = None  # two-expert models: "high_noise_model" / "low_noise_model" (None: every expert)
+    # which of a model's DiTs it is for (Wan2.2 A14B: "high_noise_model" / "low_noise_model"; the model family checks
+    # the names); None: every DiT
+    name: str | None = None
 
     def __post_init__(self):
-        if self.name not in EXPERT_NAMES + (None,):
-            raise UserError(f"LoRA name {self.name!r} is not one of {', '.join(EXPERT_NAMES)} (the expert it is for)")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name):
+            raise UserError(f"LoRA name {self.name!r} must be a non-empty string (the DiT it is for)")
         if not isinstance(self.path, (str, Path)) or not str(self.path):
             raise UserError(f"LoRA path must be a non-empty string, got {self.path!r}")
         object.__setattr__(self, "path", str(self.path))
         s = self.strength
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+        if not is_number(s):
             raise UserError(f"LoRA strength must be a finite number, got {s!r} for {self.path}")
         object.__setattr__(self, "strength", float(s))
 
@@ -111,8 +111,10 @@ class LoRAConfig:
     _ENTRY_KEYS = ("path", "strength", "name")
 
     @classmethod
-    def from_lightx2v(cls, lora_configs: list[dict], mode: str = "merge") -> "LoRAConfig":
-        """From LightX2V's ``"lora_configs": [{"path": ..., "strength": ...}, ...]`` (strength defaults to 1)."""
+    def from_lightx2v(cls, lora_configs: list[dict], mode: str = "merge", names: tuple[str, ...] | None = None
+                      ) -> "LoRAConfig":
+        """From LightX2V's ``"lora_configs": [{"path": ..., "strength": ...}, ...]`` (strength defaults to 1).
+        ``names``: the DiT names an entry's ``"name"`` may take (a model family's experts); None: not checked here."""
         if isinstance(lora_configs, dict) or not isinstance(lora_configs, (list, tuple)):
             raise UserError(f"lora_configs must be a list of {{\"path\", \"strength\"}} objects, got {lora_configs!r}")
         specs = []
@@ -131,8 +133,9 @@ class LoRAConfig:
                 what = "is not a file" if Path(path).exists() else "does not exist"
                 raise UserError(f"lora_configs[{i}]: LoRA file {path!r} {what}")
             name = entry.get("name")
-            if name not in EXPERT_NAMES + (None,):
-                raise UserError(f"lora_configs[{i}].name={name!r} is not one of {', '.join(EXPERT_NAMES)}")
+            if name is not None and names is not None and name not in names:
+                raise UserError(f"lora_configs[{i}].name={name!r} is not one of {', '.join(names) or '(none)'} (the "
+                                "DiT it is for)")
             specs.append(LoRASpec(path, entry.get("strength", 1.0), name))
         return cls(tuple(specs), mode)
 
@@ -221,19 +224,21 @@ class _ModuleNames:
     def __init__(self, model: nn.Module):
         self.modules = {name for name, _ in model.named_modules() if name}
         self.tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        plan = plan_of(model)
+        self.from_foreign = plan.foreign_to_ours or (lambda key: None)
         self.underscored: dict[str, str] = {}
         self.ambiguous: set[str] = set()
         for name in self.modules:
             self._add_underscored(name.replace(".", "_"), name)
-        for name in self.tensors:  # underscored diffusers names, through the declared rename table
-            if name.endswith(".weight"):
-                try:
-                    diffusers = dit_key_to_diffusers(name)
-                except CheckpointError:
-                    continue
-                alias = diffusers[: -len(".weight")].replace(".", "_")
-                if alias not in self.underscored:
-                    self._add_underscored(alias, name[: -len(".weight")])
+        if plan.ours_to_foreign is not None:  # underscored foreign (diffusers) names, through the model's rename table
+            for name in self.tensors:
+                if name.endswith(".weight"):
+                    foreign = plan.ours_to_foreign(name)
+                    if foreign is None:
+                        continue
+                    alias = foreign[: -len(".weight")].replace(".", "_")
+                    if alias not in self.underscored:
+                        self._add_underscored(alias, name[: -len(".weight")])
 
     def _add_underscored(self, alias: str, name: str) -> None:
         other = self.underscored.get(alias)
@@ -264,9 +269,9 @@ class _ModuleNames:
             if cand in self.modules:
                 return cand, "wan"
         for cand in candidates:
-            wan = dit_key_from_diffusers(cand + ".weight")
-            if wan.endswith(".weight") and wan[: -len(".weight")] in self.modules:
-                return wan[: -len(".weight")], "diffusers"
+            ours = self.from_foreign(cand + ".weight")
+            if ours is not None and ours.endswith(".weight") and ours[: -len(".weight")] in self.modules:
+                return ours[: -len(".weight")], "diffusers"
         return None, "no such module"
 
 
@@ -423,41 +428,9 @@ def _short(items: list[str], n: int = 40) -> str:
 
 # --- quantized weights ----------------------------------------------------------------------------------------
 
-_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
-
-
 def is_quantized(module: nn.Module, leaf: str) -> bool:
     """True for a ``weight`` stored as int8/fp8 beside a ``weight_scale`` (per output channel or per tensor)."""
-    return leaf == "weight" and hasattr(module, "weight_scale") and getattr(module, leaf).dtype in _QMAX
-
-
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """int8/fp8 ``q`` [out, ...] with a per-output-channel ([out], [out, 1]) or per-tensor scale -> float32."""
-    return q.float() * _broadcast_scale(scale, q)
-
-
-def quantize_weight(w: torch.Tensor, dtype: torch.dtype, per_tensor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """float ``w`` [out, ...] -> (``dtype`` weight, float32 scale [out, 1]; [1] if ``per_tensor``), absmax scaling."""
-    qmax = _QMAX[dtype]
-    w = w.float()
-    amax = w.abs().amax().reshape(1) if per_tensor else w.abs().flatten(1).amax(dim=1, keepdim=True)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    x = w / (scale if per_tensor else scale.reshape(-1, *[1] * (w.ndim - 1)))
-    if dtype == torch.int8:
-        q = x.round().clamp(-qmax, qmax).to(torch.int8)
-    else:
-        q = x.clamp(-qmax, qmax).to(dtype)
-    return q, scale
-
-
-def _broadcast_scale(scale: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    scale = scale.float()
-    if scale.numel() == 1:
-        return scale.reshape([1] * q.ndim)
-    if scale.numel() == q.shape[0]:
-        return scale.reshape(-1, *[1] * (q.ndim - 1))
-    raise UserError(f"weight_scale of shape {tuple(scale.shape)} is neither per tensor nor per output channel "
-                    f"of a weight {tuple(q.shape)}; LoRA cannot patch this quantization layout")
+    return leaf == "weight" and hasattr(module, "weight_scale") and is_quantized_dtype(getattr(module, leaf).dtype)
 
 
 def _patched_tensors(module: nn.Module, leaf: str, delta: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Weight offloading for the Wan DiT: keep the transformer blocks in host memory (or on disk) and stream them to the
+"""Weight offloading for a DiT (any model with a hook plan; Wan's is the example below): keep the transformer blocks in host memory (or on disk) and stream them to the
 GPU just ahead of their use, overlapping every host->device copy with compute.
 
 ``apply_offload(model, OffloadConfig, device)`` attaches from outside (module forward pre-hooks); ``dit.py`` has no
@@ -14,8 +14,8 @@ offload code. Granularities (LightX2V's ``offload_granularity``):
   (``param.data = slot_view``; the host views are put back when the block is done), then starts the copies of blocks
   i+1 .. i+num_prefetch into the other slots. The order is cyclic: the hook of the last block prefetches the first
   unit of the next forward.
-- The embeddings (``EMBEDDINGS``: ``patch_embedding, time_embedding, time_projection, text_embedding, img_emb``; used
-  only before block 0) are streamed the same way (``offload_embeddings``, default true): packed into at most
+- The embeddings (the hook plan's ``embeddings``; Wan: ``patch_embedding, time_embedding, time_projection,
+  text_embedding, img_emb``; used only before block 0) are streamed the same way (``offload_embeddings``, default true): packed into at most
   ``num_prefetch + 1`` units of at most a slot each, first in the cycle, all made resident by the model's forward
   pre-hook and released when the first block unit starts (or at the end of the forward, if every block is skipped).
   The last block's hook prefetches them, so they cost no device memory during the block loop and their copy
@@ -24,7 +24,7 @@ offload code. Granularities (LightX2V's ``offload_granularity``):
   module larger than a slot grows the slots when that costs less than keeping it (Wan2.1-T2V-14B phases: the time
   projection is 11% larger than the FFN phase); what fits in no unit stays on the device. The ``head`` (used after
   the blocks) stays on the device.
-- ``phase``: the same with a finer unit; a block has three phases: (a) ``self_attn`` (q, k, v, o, norm_q, norm_k),
+- ``phase``: the same with a finer unit (the hook plan's ``phases``); a Wan block has three phases: (a) ``self_attn`` (q, k, v, o, norm_q, norm_k),
   (b) ``norm3`` + ``cross_attn``, (c) ``ffn``. The block's ``modulation`` ([1, 6, dim] float32, 120 KiB per block
   for the 14B model, ~5 MiB for all 40) is read in the block's forward *before* ``self_attn`` is called, so it stays
   resident on the device with the head; phase hooks sit on the phase modules themselves (phase (b) on both
@@ -68,7 +68,7 @@ Usage::
 Weights are treated as read-only while offloaded: merge LoRAs (or quantize) before ``apply_offload`` or after
 ``remove()``. Between forwards the streamed embeddings are host tensors: call the model, not its pieces
 (``embed_time``, ``text_embedding``) on their own. Dynamic LoRA hooks and feature caching compose with it (they add
-their own hooks or replace ``run_blocks``; a skipped block is simply never made resident).
+their own hooks on the modules or on the model's block stack; a skipped block is simply never made resident).
 """
 
 from __future__ import annotations
@@ -78,24 +78,16 @@ import queue
 import threading
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Union
 
 import torch
 import torch.nn as nn
 
 from lightx2v.errors import CheckpointError, UserError
+from lightx2v.models.plan import blocks_of, plan_of
 
 GRANULARITIES = ("model", "block", "phase")
-# The non-block modules of a Wan DiT used only at the start of its forward, before block 0 (the head runs at the end
-# and stays on the device): with block/phase offload they are streamed through the slots like the blocks.
-EMBEDDINGS = ("patch_embedding", "time_embedding", "time_projection", "text_embedding", "img_emb")
-# Phases of a WanBlock: (name, submodules); the block's ``modulation`` is in no phase and stays resident.
-PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("self_attn", ("self_attn",)),
-    ("cross_attn", ("norm3", "cross_attn")),
-    ("ffn", ("ffn",)),
-)
+# Which modules are blocks, phases and embeddings comes from the model's hook plan (lightx2v.models.plan.HookPlan).
 _ALIGN = 256  # byte alignment of every tensor inside a flat buffer (>= what any GEMM kernel asks for)
 
 
@@ -237,88 +229,31 @@ class _HostMemory:
 # --- where lazy_load reads block weights from -------------------------------------------------------------------
 
 class CheckpointBlocks:
-    """Block tensors read from a DiT checkpoint on disk, one tensor at a time (safetensors memory-maps the files).
+    """Block tensors read one at a time from a checkpoint on disk (``source``: a
+    :class:`lightx2v.loading.LazyTensors` in our names, e.g. from a family's loader). ``read(i, names)`` takes names
+    relative to block i (``"self_attn.q.weight"``); ``prefix`` is the block stack's name in the model."""
 
-    ``CheckpointBlocks(model_dir, layout)`` for a model folder in the original Wan or the diffusers layout, or
-    ``CheckpointBlocks(weights_file=path)`` for one safetensors file (LightX2V's ``dit_original_ckpt``). Names are our
-    (Wan) names; ``read(i, names)`` takes names relative to block i (``"self_attn.q.weight"``).
-    """
+    def __init__(self, source, prefix: str = "blocks"):
+        self.source, self.prefix = source, prefix
 
-    def __init__(self, model_dir: str | Path | None = None, layout: str = "wan", *,
-                 weights_file: str | Path | None = None, expert: str | None = None):
-        from safetensors import safe_open
-
-        from lightx2v.models.wan.checkpoint import (
-            WAN_DIT_WEIGHTS, dit_folder, dit_key_from_diffusers, require_file, safetensors_files,
-        )
-
-        self._safe_open = safe_open
-        if weights_file is not None:
-            self.files = [require_file(Path(weights_file), "DiT weights file")]
-        elif model_dir is not None:
-            self.files = safetensors_files(dit_folder(Path(model_dir), layout, expert), WAN_DIT_WEIGHTS)
-        else:
-            raise UserError("CheckpointBlocks needs a model folder or a weights file")
-        self._index: dict[str, tuple[int, str]] = {}  # wan key -> (file number, key in the file)
-        for i, f in enumerate(self.files):
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                keys = list(sf.keys())
-            if weights_file is not None:
-                diffusers_names = any(k.startswith("condition_embedder.") or ".attn1." in k for k in keys)
-            else:
-                diffusers_names = layout == "diffusers"
-            for k in keys:
-                if diffusers_names:
-                    name = dit_key_from_diffusers(k)
-                else:
-                    name = k[len("model.diffusion_model."):] if k.startswith("model.diffusion_model.") else k
-                self._index[name] = (i, k)
-        self._handles: dict[int, object] = {}
-        self._lock = threading.Lock()  # the loader thread and the main thread may both read
-
-    def _handle(self, i: int):
-        if i not in self._handles:
-            self._handles[i] = self._safe_open(str(self.files[i]), framework="pt", device="cpu")
-        return self._handles[i]
-
-    def keys(self) -> Iterable[str]:
-        return self._index.keys()
-
-    def _lookup(self, key: str) -> tuple[int, str]:
-        if key not in self._index:
-            raise CheckpointError(f"DiT checkpoint {self.files[0].parent}: missing key {key!r} (lazy_load)")
-        return self._index[key]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        i, k = self._lookup(key)
-        with self._lock:
-            return tuple(self._handle(i).get_slice(k).get_shape())
-
-    def get(self, key: str) -> torch.Tensor:
-        i, k = self._lookup(key)
-        with self._lock:
-            return self._handle(i).get_tensor(k)
+    def shape(self, block: int, name: str) -> tuple[int, ...]:
+        return self.source.shape(f"{self.prefix}.{block}.{name}")
 
     def read(self, block: int, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        return {n: self.get(f"blocks.{block}.{n}") for n in names}
-
-    def __call__(self, block: int) -> dict[str, torch.Tensor]:
-        prefix = f"blocks.{block}."
-        return self.read(block, [k[len(prefix):] for k in self._index if k.startswith(prefix)])
+        return {n: self.source.get(f"{self.prefix}.{block}.{n}") for n in names}
 
     def close(self) -> None:
-        with self._lock:
-            self._handles.clear()
+        self.source.close()
 
 
 class _CallableBlocks:
-    """A user callable ``fn(block) -> {name: tensor}`` (names relative to the block or with ``blocks.i.``)."""
+    """A user callable ``fn(block) -> {name: tensor}`` (names relative to the block or with ``<prefix>.i.``)."""
 
-    def __init__(self, fn: Callable[[int], Mapping[str, torch.Tensor]]):
-        self.fn = fn
+    def __init__(self, fn: Callable[[int], Mapping[str, torch.Tensor]], prefix: str = "blocks"):
+        self.fn, self.prefix = fn, prefix
 
     def read(self, block: int, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        prefix = f"blocks.{block}."
+        prefix = f"{self.prefix}.{block}."
         got = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in self.fn(block).items()}
         names = list(names)
         missing = [n for n in names if n not in got]
@@ -330,27 +265,21 @@ class _CallableBlocks:
         pass
 
 
-WeightsSource = Union[CheckpointBlocks, str, Path, tuple, Callable[[int], Mapping[str, torch.Tensor]]]
+WeightsSource = Union[object, Callable[[int], Mapping[str, torch.Tensor]]]  # a LazyTensors, or a callable
 
 
-def _as_source(ws: WeightsSource | None):
+def _as_source(ws: WeightsSource | None, prefix: str):
     if ws is None:
-        raise UserError("lazy_load=true needs weights_source: the model folder (and layout) or a callable "
-                        "giving block i's tensors")
+        raise UserError("lazy_load=true needs weights_source: the checkpoint's tensors (a lightx2v.loading.LazyTensors, "
+                        "e.g. lightx2v.models.wan.checkpoint.dit_lazy_tensors(folder, layout)) or a callable giving "
+                        "block i's tensors")
     if isinstance(ws, (CheckpointBlocks, _CallableBlocks)):
         return ws
-    if isinstance(ws, (str, Path)):
-        path = Path(ws)
-        if path.suffix == ".safetensors":
-            return CheckpointBlocks(weights_file=path)
-        from lightx2v.models.wan.checkpoint import detect_layout
-
-        return CheckpointBlocks(path, detect_layout(path))
-    if isinstance(ws, tuple) and len(ws) == 2:
-        return CheckpointBlocks(ws[0], ws[1])
+    if hasattr(ws, "get") and hasattr(ws, "shape") and hasattr(ws, "close"):
+        return CheckpointBlocks(ws, prefix)
     if callable(ws):
-        return _CallableBlocks(ws)
-    raise TypeError(f"weights_source must be a folder, (folder, layout), CheckpointBlocks or a callable, got {ws!r}")
+        return _CallableBlocks(ws, prefix)
+    raise TypeError(f"weights_source must be a LazyTensors (or CheckpointBlocks) or a callable, got {ws!r}")
 
 
 def _fill(flat: torch.Tensor, layout: tuple[_Spec, ...], tensors: Mapping[str, torch.Tensor], block: int) -> None:
@@ -360,30 +289,6 @@ def _fill(flat: torch.Tensor, layout: tuple[_Spec, ...], tensors: Mapping[str, t
         if tuple(t.shape) != spec.shape:
             raise CheckpointError(f"blocks.{block}.{spec.name}: checkpoint {tuple(t.shape)} vs model {spec.shape}")
         view.copy_(t)
-
-
-def load_dit_without_blocks(model_dir: str | Path, layout: str, *, attn, device="cpu",
-                            dtype: torch.dtype = torch.float32, expert: str | None = None):
-    """Build a WanDiT on the meta device and load only its non-block weights (strictly) onto ``device``; the block
-    weights stay on the meta device with their dtypes set, for ``apply_offload(..., lazy_load=True)``."""
-    from lightx2v.models.wan.checkpoint import assign_strict, dit_folder, read_dit_config
-    from lightx2v.models.wan.dit import WanDiT
-
-    cfg = read_dit_config(Path(model_dir), layout, expert)
-    with torch.device("meta"):
-        model = WanDiT(cfg, attn)
-    holder = nn.Module()  # the non-block submodules under their own names, so strict loading accounts for each key
-    for name, child in model.named_children():
-        if name != "blocks" and child is not None:
-            holder.add_module(name, child)
-    source = CheckpointBlocks(model_dir, layout, expert=expert)
-    tensors = ((k, source.get(k)) for k in list(source.keys()) if not k.startswith("blocks."))
-    dtype_for = lambda name: torch.float32 if WanDiT.is_float32_param(name) else dtype  # noqa: E731
-    assign_strict(holder, tensors, what=f"DiT checkpoint in {dit_folder(Path(model_dir), layout, expert)}",
-                  dtype_for=dtype_for, device=device)
-    source.close()
-    model.to_inference_dtype(dtype)  # block tensors: meta, now with the dtypes the slots will use
-    return model.eval().requires_grad_(False)
 
 
 # --- handles ------------------------------------------------------------------------------------------------------
@@ -418,7 +323,7 @@ class OffloadHandle:
 
     def resident_blocks(self) -> list[int]:
         """Blocks with weights on the device now (in a slot, or being copied into one)."""
-        return list(range(len(self.model.blocks)))
+        return list(range(len(blocks_of(self.model))))
 
     def stats(self) -> OffloadStats:
         return OffloadStats(self._bytes_h2d, self._copies, self._bytes_read, self._peak_units, self._peak_blocks,
@@ -466,8 +371,10 @@ class _ModelOffload(OffloadHandle):
         self._cuda = device.type == "cuda"
         # One host buffer per block and one for the rest, filled group by group: the model's own copies are
         # released as we go, so host memory peaks at about the model plus one block, not twice the model.
-        groups = [_entries(b) for b in model.blocks]
-        groups.append([e for e in _entries(model) if not e.name.startswith("blocks.")])
+        blocks = blocks_of(model)
+        groups = [_entries(b) for b in blocks]
+        prefix = plan_of(model).blocks + "."
+        groups.append([e for e in _entries(model) if not e.name.startswith(prefix)])
         self._entries: list[_Entry] = []
         self._host_views: list[torch.Tensor] = []
         self._hosts: list[_HostMemory] = []
@@ -497,7 +404,7 @@ class _ModelOffload(OffloadHandle):
                 self._bytes_h2d += v.numel() * v.element_size()
                 self._copies += 1
         self._resident = True
-        n = len(self.model.blocks)
+        n = len(blocks_of(self.model))
         self._peak_units = self._peak_blocks = max(self._peak_blocks, n)
 
     def offload(self) -> None:
@@ -511,7 +418,7 @@ class _ModelOffload(OffloadHandle):
         self._resident = False
 
     def resident_blocks(self) -> list[int]:
-        return list(range(len(self.model.blocks))) if self._resident else []
+        return list(range(len(blocks_of(self.model)))) if self._resident else []
 
     def remove(self) -> None:
         if self._removed:
@@ -648,14 +555,22 @@ class _SlotOffload(OffloadHandle):
         self.granularity = config.offload_granularity
         self._cuda = device.type == "cuda"
         self._lazy = config.lazy_load
-        self._source = _as_source(weights_source) if self._lazy else None
-        units, resident = self._make_units(model.blocks)
+        plan = plan_of(model)
+        self._phases = dict(plan.phases)
+        if self.granularity == "phase" and not self._phases:
+            raise UserError(f"offload_granularity 'phase' is not available for {type(model).__name__} (its hook plan "
+                            "declares no phases); use 'block'")
+        blocks = blocks_of(model)
+        block_prefix = plan.blocks + "."
+        self._source = _as_source(weights_source, plan.blocks) if self._lazy else None
+        units, resident = self._make_units(blocks)
         if not units:
             raise UserError("offloading needs a model with at least one block")
         self._slot_nbytes = max(u.nbytes for u in units)
         embed: list[_Unit] = []
         if config.offload_embeddings:
-            embed, self._slot_nbytes = self._embedding_units(model, self._slot_nbytes, config.num_prefetch + 1)
+            embed, self._slot_nbytes = self._embedding_units(model, plan.embeddings, self._slot_nbytes,
+                                                             config.num_prefetch + 1)
         # The cycle of units: the embeddings (all resident together, from the start of the model's forward until the
         # first block unit starts), then the block units; the last one prefetches the first ones.
         self._units = embed + units
@@ -677,7 +592,7 @@ class _SlotOffload(OffloadHandle):
             streamed = {e.name for u in embed for e in u.entries}
             self._resident_nbytes = 0
             for e in _entries(model):
-                if not e.name.startswith("blocks.") and e.name not in streamed:
+                if not e.name.startswith(block_prefix) and e.name not in streamed:
                     e.set(e.get().to(device))
                     self._resident_nbytes += e.get().numel() * e.get().element_size()
             for b, entries in resident.items():
@@ -685,7 +600,7 @@ class _SlotOffload(OffloadHandle):
                 for e in entries:
                     t = tensors.get(e.name, e.get())
                     if self._lazy and tuple(t.shape) != tuple(e.get().shape):
-                        raise CheckpointError(f"blocks.{b}.{e.name}: checkpoint {tuple(t.shape)} vs model "
+                        raise CheckpointError(f"{block_prefix}{b}.{e.name}: checkpoint {tuple(t.shape)} vs model "
                                               f"{tuple(e.get().shape)}")
                     e.set(t.to(device=device, dtype=e.get().dtype))
                     self._resident_nbytes += t.numel() * e.get().element_size()
@@ -693,10 +608,10 @@ class _SlotOffload(OffloadHandle):
                 if self._from_disk(u):
                     if isinstance(self._source, CheckpointBlocks):  # strict: every key and shape, before running
                         for s in u.layout:
-                            shape = self._source.shape(f"blocks.{u.block}.{s.name}")
+                            shape = self._source.shape(u.block, s.name)
                             if shape != s.shape:
-                                raise CheckpointError(f"blocks.{u.block}.{s.name}: checkpoint {shape} vs model "
-                                                      f"{s.shape}")
+                                raise CheckpointError(f"{block_prefix}{u.block}.{s.name}: checkpoint {shape} vs "
+                                                      f"model {s.shape}")
                     # No host copy at all: while not in a slot the tensors are shapes on the meta device.
                     u.host_views = [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in u.layout]
                 else:
@@ -710,7 +625,7 @@ class _SlotOffload(OffloadHandle):
                         if self._lazy else None)
 
         for u in units:
-            for m in self._triggers(model.blocks[u.block], u.kind):
+            for m in self._triggers(blocks[u.block], u.kind):
                 self._hooks.append(m.register_forward_pre_hook(lambda mod, args, u=u: self._activate((u,))))
         if self._embed:
             self._hooks.append(model.register_forward_pre_hook(lambda mod, args: self._activate(self._embed)))
@@ -726,7 +641,7 @@ class _SlotOffload(OffloadHandle):
                 units.append(_Unit(len(units), b, "block", _entries(block)))
                 continue
             covered = set()
-            for kind, names in PHASES:
+            for kind, names in self._phases.items():
                 entries = [e for n in names for e in _entries(block.get_submodule(n), prefix=n)]
                 covered.update(e.name for e in entries)
                 units.append(_Unit(len(units), b, kind, entries))
@@ -734,13 +649,14 @@ class _SlotOffload(OffloadHandle):
         return units, resident
 
     @staticmethod
-    def _embedding_units(model: nn.Module, slot_nbytes: int, num_slots: int) -> tuple[list[_Unit], int]:
+    def _embedding_units(model: nn.Module, names: tuple[str, ...], slot_nbytes: int, num_slots: int
+                         ) -> tuple[list[_Unit], int]:
         """Pack the embedding modules into at most ``num_slots`` units of at most a slot each (first fit, largest
         first); returns the units and the slot size. A module larger than a slot grows the slots if that costs less
         device memory than keeping it resident (Wan2.1-T2V-14B phases: the time projection is 11% larger than the
         largest phase); the modules that fit nowhere stay on the device."""
         sized = []
-        for name in EMBEDDINGS:
+        for name in names:
             module = getattr(model, name, None)
             if isinstance(module, nn.Module):
                 entries = _entries(module, prefix=name)
@@ -766,7 +682,7 @@ class _SlotOffload(OffloadHandle):
     def _triggers(self, block: nn.Module, kind: str) -> list[nn.Module]:
         if kind == "block":
             return [block]
-        return [block.get_submodule(n) for n in dict(PHASES)[kind]]
+        return [block.get_submodule(n) for n in self._phases[kind]]
 
     def _from_disk(self, unit: _Unit) -> bool:
         """lazy_load reads the block units from the checkpoint; the embeddings always have a host copy."""
@@ -943,12 +859,14 @@ class _SlotOffload(OffloadHandle):
 
 def apply_offload(model: nn.Module, cfg: OffloadConfig, device: torch.device | str, *,
                   weights_source: WeightsSource | None = None) -> OffloadHandle:
-    """Offload the weights of a Wan DiT (``model.blocks`` = its transformer blocks) as ``cfg`` says.
+    """Offload the weights of a DiT as ``cfg`` says. Which modules are its blocks, their phases and its embeddings
+    comes from the model's hook plan (``model.hook_plan``, :class:`lightx2v.models.plan.HookPlan`).
 
-    ``device``: where the model computes. ``weights_source`` (``lazy_load`` only; ignored otherwise): the model folder,
-    ``(folder, layout)``, a ``.safetensors`` file, a :class:`CheckpointBlocks`, or a callable giving
-    ``{name: tensor}`` for block i. With ``lazy_load`` the model's block tensors may be on the meta device (see
-    :func:`load_dit_without_blocks`): only their shapes and dtypes are used.
+    ``device``: where the model computes. ``weights_source`` (``lazy_load`` only; ignored otherwise): the checkpoint's
+    tensors in our names (a :class:`lightx2v.loading.LazyTensors`, e.g. from
+    ``lightx2v.models.wan.checkpoint.dit_lazy_tensors``), or a callable giving ``{name: tensor}`` for block i. With
+    ``lazy_load`` the model's block tensors may be on the meta device (see
+    ``lightx2v.models.wan.checkpoint.load_dit_without_blocks``): only their shapes and dtypes are used.
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -960,5 +878,4 @@ def apply_offload(model: nn.Module, cfg: OffloadConfig, device: torch.device | s
     return _SlotOffload(model, cfg, device, weights_source)
 
 
-__all__ = ["OffloadConfig", "OffloadStats", "OffloadHandle", "CheckpointBlocks", "apply_offload",
-           "load_dit_without_blocks", "GRANULARITIES", "PHASES", "EMBEDDINGS"]
+__all__ = ["OffloadConfig", "OffloadStats", "OffloadHandle", "CheckpointBlocks", "apply_offload", "GRANULARITIES"]

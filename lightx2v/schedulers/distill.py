@@ -3,10 +3,10 @@
 The schedule is a 1000-point flow-matching schedule ``sigma_i = 1 - i/1000`` (i = 0..999) shifted by ``shift``
 (``s -> shift*s / (1 + (shift-1)*s)``); the model is evaluated at the points named by ``denoising_step_list``
 (training timesteps, e.g. [1000, 750, 500, 250] -> indices 0, 250, 500, 750). Each step predicts the clean sample
-``x0 = x - sigma * v`` and, except at the last step, re-noises it to the next sigma with fresh Gaussian noise:
-``x = (1 - sigma_next) * x0 + sigma_next * noise``. This is the update LightX2V's step-distill scheduler uses.
-The fresh noise comes from the generator passed in (the runner passes the CPU generator that drew the initial
-noise), so a seed fixes the whole trajectory on every device.
+``x0 = x - sigma * v`` and, except at the last step, moves it back to the next sigma along the same velocity:
+``x = x0 + sigma_next * v`` (deterministic: no fresh noise). This is LightX2V's update
+(``WanStepDistillScheduler.step_post``, used unchanged by ``Wan22StepDistillScheduler`` for
+``wan2.2_moe_distill``), computed in float32 in the same order. The only randomness is the initial noise.
 """
 
 from __future__ import annotations
@@ -29,11 +29,9 @@ def check_step_list(steps, num_train_timesteps: int = 1000) -> tuple[int, ...]:
 
 
 class StepDistillScheduler:
-    def __init__(self, denoising_step_list, shift: float = 5.0, num_train_timesteps: int = 1000,
-                 generator: torch.Generator | None = None):
+    def __init__(self, denoising_step_list, shift: float = 5.0, num_train_timesteps: int = 1000):
         self.shift, self.num_train_timesteps = check_scheduler_args(shift, num_train_timesteps)
         self.step_list = check_step_list(denoising_step_list, num_train_timesteps)
-        self.generator = generator
         self.num_inference_steps = len(self.step_list)
         self.timesteps = torch.empty(0)
         self.sigmas = torch.empty(0)
@@ -63,13 +61,13 @@ class StepDistillScheduler:
         self._step = step_index
 
     def step(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """One update: ``model_output`` (velocity v) and ``sample`` (x) of the same shape, e.g. [B, C, F, H, W]."""
         if not self.sigmas.numel():
             raise RuntimeError("StepDistillScheduler.step() called before set_timesteps()")
         i = _next_step_index(self)
-        x0 = sample.float() - self.sigmas[i].item() * model_output.float()
+        v = model_output.float()
+        x = sample.float() - self.sigmas[i].item() * v  # the clean prediction x0
         if i < self.num_inference_steps - 1:
-            s_next = self.sigmas[i + 1].item()
-            noise = torch.randn(x0.shape, generator=self.generator, dtype=torch.float32).to(x0.device)
-            x0 = (1 - s_next) * x0 + s_next * noise
+            x = x + v * self.sigmas[i + 1].item()
         self._step += 1
-        return x0.to(sample.dtype)
+        return x.to(sample.dtype)

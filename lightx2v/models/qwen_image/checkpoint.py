@@ -19,7 +19,7 @@ import torch
 from lightx2v.errors import CheckpointError, UserError
 from lightx2v.models.qwen_image.arch import PIPELINE_VARIANTS, VARIANTS, QwenImageDiTConfig
 from lightx2v.models.qwen_image.scheduler import FlowMatchConfig
-from lightx2v.models.wan.checkpoint import assign_strict, iter_safetensors, read_json, require_file, safetensors_files
+from lightx2v.loading import assign_strict, iter_safetensors, read_json, require_file, safetensors_files
 
 MODEL_INDEX = "model_index.json"
 TRANSFORMER_DIR, VAE_DIR, SCHEDULER_DIR = "transformer", "vae", "scheduler"

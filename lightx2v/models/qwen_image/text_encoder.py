@@ -31,10 +31,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 from lightx2v.errors import CheckpointError, UserError
-from lightx2v.models.wan.checkpoint import assign_strict, key_problems, read_json, safetensors_files
+from lightx2v.loading import assign_strict, key_problems, open_safetensors, read_json, safetensors_files
 
 T2I_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
                 "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
@@ -239,7 +238,7 @@ def load_text_encoder(model_dir: str | Path, *, with_images: bool = False, devic
     files = safetensors_files(te_dir, "model")
     shapes, original = {}, {}  # model name -> meta tensor / checkpoint name, from the headers (nothing read)
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as st:
+        with open_safetensors(f) as st:
             for key in st.keys():
                 name = model_key(key)
                 if name is None:
@@ -254,7 +253,7 @@ def load_text_encoder(model_dir: str | Path, *, with_images: bool = False, devic
 
     def stream():
         for f in files:
-            with safe_open(str(f), framework="pt", device="cpu") as st:
+            with open_safetensors(f) as st:
                 for key in st.keys():
                     name = model_key(key)
                     if name is not None:

@@ -52,7 +52,7 @@ from lightx2v.models.qwen_image.arch import ASPECT_RATIOS, IMAGE_CHANNELS
 from lightx2v.models.qwen_image.checkpoint import VAE_DIR, model_root
 from lightx2v.models.qwen_image.vae import (PARTS, VAE_CONFIG, VAE_WEIGHTS, QwenImageVAE, _decoder2d, _encoder2d,
                                             load_qwen_image_vae, read_vae_config)
-from lightx2v.models.wan.checkpoint import safetensors_files
+from lightx2v.loading import safetensors_files
 
 log = logging.getLogger("lightx2v")
 

@@ -39,11 +39,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from lightx2v.errors import CheckpointError, UserError
 from lightx2v.models.qwen_image.arch import IMAGE_CHANNELS, QwenImageVAEConfig
-from lightx2v.models.wan.checkpoint import key_problems, read_json, safetensors_files
+from lightx2v.loading import key_problems, open_safetensors, read_json, safetensors_files
 from lightx2v.models.wan.vae import (AttentionBlock, CausalConv3d, Decoder3d, Encoder3d, ResidualBlock, Resample,
                                      RMSNorm, vae_rename_table)
 
@@ -249,7 +248,7 @@ def _vae_tensors(vae_dir: Path, cfg: QwenImageVAEConfig, parts: tuple[str, ...]
     from_diffusers = {dif: wan for wan, dif in vae_rename_table(cfg.to_wan()).items()}
     wanted = tuple(p for part in parts for p in _PART_PREFIXES[part])
     for f in safetensors_files(Path(vae_dir), VAE_WEIGHTS):
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
+        with open_safetensors(f) as sf:
             for key in sf.keys():
                 wan = from_diffusers.get(key)
                 if wan is None:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from lightx2v.errors import CheckpointError
 
 IMAGE_EMBED_DIM = 1280  # CLIP ViT-H/14 penultimate-layer width, used by the I2V image projection
-CLIP_TOKENS = 257
+CLIP_TOKENS = 257  # CLIP ViT-H/14 tokens per image at 224 px (256 patches + class token): the release's default
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,10 @@ class WanDiTConfig:
     # CLIP image tokens through img_emb and the cross-attention's k_img/v_img: Wan2.1 I2V/FLF2V. Wan2.2's I2V DiTs
     # (same model_type "i2v") have none; None: decided by model_type (the loader corrects it from the weights).
     clip_input: bool | None = None
+    # FLF2V: rows of the image position embedding img_emb.emb_pos, i.e. CLIP tokens of the first and the last
+    # image together (diffusers' pos_embed_seq_len). None: 2 x 257 (ViT-H/14 at 224 px) for flf2v; the loader
+    # reads it from the checkpoint (diffusers' config, or the Wan layout's stored emb_pos shape).
+    image_pos_len: int | None = None
 
     def __post_init__(self):
         if self.dim % self.num_heads:
@@ -43,6 +47,21 @@ class WanDiTConfig:
             object.__setattr__(self, "clip_input", self.model_type in ("i2v", "flf2v"))
         if self.head_dim % 2 or self.head_dim < 6:
             raise CheckpointError(f"DiT head_dim {self.head_dim} must be even and >= 6 for 3D RoPE")
+        if self.model_type == "flf2v":
+            if self.image_pos_len is None:
+                object.__setattr__(self, "image_pos_len", 2 * CLIP_TOKENS)
+            n = self.image_pos_len
+            if isinstance(n, bool) or not isinstance(n, int) or n < 2 or n % 2:
+                raise CheckpointError(f"FLF2V image position embedding length {n!r} must be an even integer >= 2 "
+                                      "(CLIP tokens of the first and the last image)")
+        elif self.image_pos_len is not None:
+            raise CheckpointError(f"image position embedding length {self.image_pos_len} is only for FLF2V DiTs, "
+                                  f"not model_type {self.model_type!r}")
+
+    @property
+    def clip_tokens_per_image(self) -> int | None:
+        """FLF2V: CLIP tokens each of the two images contributes (image_pos_len / 2); None for other DiTs."""
+        return None if self.image_pos_len is None else self.image_pos_len // 2
 
     @property
     def head_dim(self) -> int:
@@ -62,7 +81,7 @@ class WanDiTConfig:
     _WAN_KEYS = ("dim", "ffn_dim", "freq_dim", "in_dim", "out_dim", "num_heads", "num_layers", "text_len", "eps",
                  "model_type")
     # Not in the Wan release's config.json (its values are fixed there); we read and write them for other sizes.
-    _WAN_EXTRA = ("patch_size", "text_dim", "image_dim", "clip_input")
+    _WAN_EXTRA = ("patch_size", "text_dim", "image_dim", "clip_input", "pos_embed_seq_len")
     _WAN_IGNORED = ("_class_name", "_diffusers_version", "window_size", "qk_norm", "cross_attn_norm") + _WAN_EXTRA
 
     @classmethod
@@ -79,6 +98,8 @@ class WanDiTConfig:
         kw["text_dim"] = d.get("text_dim", 4096)
         kw["image_dim"] = d.get("image_dim", IMAGE_EMBED_DIM)
         kw["clip_input"] = d.get("clip_input")
+        if d.get("model_type") == "flf2v" and d.get("pos_embed_seq_len") is not None:
+            kw["image_pos_len"] = d["pos_embed_seq_len"]
         return cls(**kw)
 
     def to_wan_config(self) -> dict:
@@ -89,6 +110,8 @@ class WanDiTConfig:
             d["image_dim"] = self.image_dim
         elif self.model_type in ("i2v", "flf2v"):
             d["clip_input"] = False  # a Wan2.2 I2V DiT (the Wan2.2 release tells it apart by its weights only)
+        if self.image_pos_len is not None and self.image_pos_len != 2 * CLIP_TOKENS:
+            d["pos_embed_seq_len"] = self.image_pos_len  # not in the release's config.json (it uses 2 x 257)
         return d
 
     # -- diffusers layout -----------------------------------------------------------------------------------
@@ -118,6 +141,7 @@ class WanDiTConfig:
             out_dim=d.get("out_channels") or d.get("in_channels", 16), freq_dim=d.get("freq_dim", 256),
             text_dim=d.get("text_dim", 4096), eps=d.get("eps", 1e-6), patch_size=tuple(d.get("patch_size", (1, 2, 2))),
             model_type=model_type, image_dim=image_dim or IMAGE_EMBED_DIM, clip_input=image_dim is not None,
+            image_pos_len=d.get("pos_embed_seq_len") if model_type == "flf2v" else None,
         )
 
     def to_diffusers_config(self) -> dict:
@@ -131,7 +155,7 @@ class WanDiTConfig:
         if self.has_image_input:
             d.update(image_dim=self.image_dim, added_kv_proj_dim=self.dim)
         if self.model_type == "flf2v":
-            d["pos_embed_seq_len"] = 2 * CLIP_TOKENS
+            d["pos_embed_seq_len"] = self.image_pos_len
         return d
 
     def as_dict(self) -> dict:

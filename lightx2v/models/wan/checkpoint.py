@@ -17,14 +17,14 @@ import json
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
-import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lightx2v.errors import CheckpointError, UserError
+from lightx2v.loading import (LazyTensors, assign_strict, iter_safetensors, open_safetensors, read_json, rename_key,
+                              require_file, safetensors_files, safetensors_keys)
 from lightx2v.models.wan.arch import WanDiTConfig
 
 WAN_DIT_WEIGHTS = "diffusion_pytorch_model"
@@ -43,191 +43,18 @@ def detect_layout(model_path: str | Path) -> str:
         raise UserError(f"model path {str(root)!r} does not exist")
     if not root.is_dir():
         raise UserError(f"model path {str(root)!r} is not a directory")
-    if (root / "transformer").is_dir() or (root / "model_index.json").is_file():
+    # A host of one stage may hold only that stage's files (the decoder's: the VAE alone).
+    if any((root / name).exists() for name in ("transformer", "model_index.json", "vae", "text_encoder")):
         return "diffusers"
     if (root / "config.json").is_file() or any(root.glob(f"{WAN_DIT_WEIGHTS}*.safetensors")) \
-            or (root / EXPERT_FOLDERS["wan"]["high"]).is_dir():
+            or (root / EXPERT_FOLDERS["wan"]["high"]).is_dir() \
+            or any((root / f).is_file() for f in (WAN_VAE_FILE, WAN22_VAE_FILE, WAN_T5_FILE)):
         return "wan"
     raise UserError(
         f"model path {str(root)!r} holds neither layout: expected the original Wan files (config.json, "
         f"{WAN_DIT_WEIGHTS}*.safetensors, {WAN_VAE_FILE}, {WAN_T5_FILE}) or diffusers folders "
         "(transformer/, vae/, text_encoder/, tokenizer/)"
     )
-
-
-def require_file(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise CheckpointError(f"missing {what}: {path}")
-    return path
-
-
-# --- safetensors shards ---------------------------------------------------------------------------------------
-
-
-def safetensors_files(folder: Path, stem: str) -> list[Path]:
-    """The shard files of ``stem`` in ``folder``: from ``stem.safetensors.index.json`` or the single file."""
-    index = folder / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [require_file(folder / n, f"shard listed in {index.name}") for n in names]
-    single = folder / f"{stem}.safetensors"
-    if single.is_file():
-        return [single]
-    shards = sorted(folder.glob(f"{stem}-*-of-*.safetensors"))
-    if shards:
-        return shards
-    raise CheckpointError(f"missing weights: no {stem}.safetensors (or its .index.json) in {folder}")
-
-
-def read_json(path: Path, what: str) -> dict:
-    """A JSON object from ``path``; CheckpointError naming the file when it is missing or not a JSON object."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"missing {what}: {path}")
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return raw
-
-
-def torch_load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A ``.pth`` state dict of tensors (memory-mapped where the file format allows), or CheckpointError."""
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read it as a torch state dict: {e}") from e
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read it as a torch state dict: {e}") from e
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors")
-    return dict(sd)
-
-
-def check_present(items) -> None:
-    """items: (path, what) pairs; one CheckpointError naming every absent one."""
-    absent = [f"{what} {path}" for path, what in items if not Path(path).exists()]
-    if absent:
-        raise CheckpointError("missing files: " + "; ".join(absent))
-
-
-def read_safetensors_dir(folder: Path, what: str, stem: str = "model") -> dict[str, torch.Tensor]:
-    """All tensors of ``stem.safetensors`` in ``folder``, or of the shards its ``.index.json`` lists (transformers'
-    layout), checking that every listed shard and key is there and that no key is stored twice."""
-    from safetensors.torch import load_file
-
-    single = folder / f"{stem}.safetensors"
-    index = folder / f"{stem}.safetensors.index.json"
-
-    def read(path: Path) -> dict[str, torch.Tensor]:
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read it as safetensors: {e}") from e
-
-    if single.is_file():
-        return read(single)
-    if not index.is_file():
-        raise CheckpointError(f"missing {what} weights: neither {single} nor {index} exists")
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map': {e}") from e
-    absent = [str(folder / f) for f in files if not (folder / f).is_file()]
-    if absent:
-        raise CheckpointError(f"missing {what} shard files listed in {index}: {', '.join(absent)}")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        part = read(folder / f)
-        listed = [k for k, v in weight_map.items() if v == f and k not in part]
-        if listed:
-            raise CheckpointError(f"{folder / f}: keys listed in {index.name} are missing: {', '.join(listed)}")
-        dup = sorted(set(part) & set(sd))
-        if dup:
-            raise CheckpointError(f"{folder / f}: keys also stored in another shard: {', '.join(dup)}")
-        sd.update(part)
-    return sd
-
-
-def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for key in sf.keys():
-                yield key, sf.get_tensor(key)
-
-
-# --- strict assignment into a meta-built module ---------------------------------------------------------------
-
-
-def key_problems(expected: dict, sd, show_key=None,
-                 mismatch: str = "{key} (checkpoint {got}, model {want})") -> list[str]:
-    """What keeps ``sd`` from loading strictly into a module whose state dict has ``expected`` (name -> shape):
-    missing, unexpected and mis-shaped keys, each as one line (empty when it fits). ``show_key`` renames keys for
-    the message (e.g. to the checkpoint's own naming); ``mismatch`` formats one shape mismatch."""
-    show = show_key or (lambda k: k)
-    mismatched = []
-    for k in sorted(expected.keys() & sd.keys()):
-        v = sd[k]
-        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-        if got != tuple(expected[k]):
-            mismatched.append(mismatch.format(key=show(k), got=got, want=tuple(expected[k])))
-    groups = (("missing keys", [show(k) for k in sorted(expected.keys() - sd.keys())]),
-              ("unexpected keys", [show(k) for k in sorted(sd.keys() - expected.keys())]),
-              ("shape mismatches", mismatched))
-    return [f"{label}: {', '.join(dict.fromkeys(keys))}" for label, keys in groups if keys]
-
-
-
-def assign_strict(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *, what: str,
-                  dtype_for=None, device="cpu") -> None:
-    """Assign every tensor to the parameter/buffer of the same name; report all problems at once.
-
-    ``dtype_for(name)`` gives the dtype each tensor is stored in (None: keep the checkpoint's).
-    """
-    expected = dict(module.state_dict(keep_vars=True))
-    seen, unexpected, mismatched = set(), [], []
-    for name, tensor in tensors:
-        target = expected.get(name)
-        if target is None:
-            unexpected.append(name)
-            continue
-        if tuple(target.shape) != tuple(tensor.shape):
-            mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
-            continue
-        dt = dtype_for(name) if dtype_for else None
-        tensor = tensor.to(device=device, dtype=dt or tensor.dtype)
-        _set_tensor(module, name, tensor)
-        seen.add(name)
-    missing = sorted(set(expected) - seen)
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_short(sorted(unexpected))}")
-    if mismatched:
-        problems.append(f"shape mismatches {_short(mismatched)}")
-    if problems:
-        raise CheckpointError(f"{what}: " + "; ".join(problems))
-
-
-def _short(items: list[str], n: int = 20) -> str:
-    more = f" ... and {len(items) - n} more" if len(items) > n else ""
-    return "[" + ", ".join(items[:n]) + "]" + more
-
-
-def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-    else:
-        owner._buffers[leaf] = tensor
 
 
 # --- DiT key names: diffusers <-> original Wan ----------------------------------------------------------------
@@ -286,21 +113,18 @@ _FROM_DIFFUSERS = [(re.compile(p), r) for p, r, _, _ in _DIT_RENAMES]
 _TO_DIFFUSERS = [(re.compile(p), r) for _, _, p, r in _DIT_RENAMES]
 
 
-def _rename(key: str, table) -> str | None:
-    for pattern, repl in table:
-        new, n = pattern.subn(repl, key)
-        if n:
-            return new
-    return None
+def wan_key_from_diffusers(key: str) -> str | None:
+    """diffusers name -> Wan name, or None when the table has no mapping."""
+    return rename_key(key, _FROM_DIFFUSERS)
 
 
 def dit_key_from_diffusers(key: str) -> str:
     """diffusers name -> Wan name; a key with no mapping comes back tagged, so strict loading reports it."""
-    return _rename(key, _FROM_DIFFUSERS) or f"{key} (diffusers name with no Wan mapping)"
+    return wan_key_from_diffusers(key) or f"{key} (diffusers name with no Wan mapping)"
 
 
 def dit_key_to_diffusers(key: str) -> str:
-    new = _rename(key, _TO_DIFFUSERS)
+    new = rename_key(key, _TO_DIFFUSERS)
     if new is None:
         raise CheckpointError(f"DiT key {key!r} has no diffusers name")
     return new
@@ -356,21 +180,42 @@ def dit_weight_names(model_dir: Path, layout: str, expert: str | None = None) ->
     """The tensor names stored in the DiT's safetensors files (headers only; nothing is read)."""
     names = []
     for f in safetensors_files(dit_folder(model_dir, layout, expert), WAN_DIT_WEIGHTS):
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            names.extend(sf.keys())
+        names.extend(safetensors_keys(f))
     return names
 
 
+def dit_weight_shapes(model_dir: Path, layout: str, expert: str | None = None) -> dict[str, tuple[int, ...]]:
+    """Stored name -> shape of every DiT tensor (safetensors headers only; nothing is read)."""
+    shapes = {}
+    for f in safetensors_files(dit_folder(model_dir, layout, expert), WAN_DIT_WEIGHTS):
+        with open_safetensors(f) as sf:
+            for k in sf.keys():
+                shapes[k] = tuple(sf.get_slice(k).get_shape())
+    return shapes
+
+
 def read_dit_config(model_dir: Path, layout: str, expert: str | None = None) -> WanDiTConfig:
-    d = read_json(dit_folder(model_dir, layout, expert) / "config.json", "DiT config")
+    folder = dit_folder(model_dir, layout, expert)
+    d = read_json(folder / "config.json", "DiT config")
     if layout == "diffusers":
-        return WanDiTConfig.from_diffusers_config(d)
+        return WanDiTConfig.from_diffusers_config(d)  # FLF2V: pos_embed_seq_len gives the emb_pos length
     cfg = WanDiTConfig.from_wan_config(d)
-    if cfg.has_image_input and "clip_input" not in d:
-        # Wan2.1 and Wan2.2 I2V DiTs share model_type "i2v"; only Wan2.1's carry the CLIP projection img_emb.
-        names = dit_weight_names(model_dir, layout, expert)
-        if not any(_strip_wan_prefix(k).startswith("img_emb.") for k in names):
+    if cfg.model_type == "flf2v" or (cfg.has_image_input and "clip_input" not in d):
+        shapes = {_strip_wan_prefix(k): v for k, v in dit_weight_shapes(model_dir, layout, expert).items()}
+        if cfg.has_image_input and "clip_input" not in d and not any(k.startswith("img_emb.") for k in shapes):
+            # Wan2.1 and Wan2.2 I2V DiTs share model_type "i2v"; only Wan2.1's carry the CLIP projection img_emb.
             cfg = replace(cfg, clip_input=False)
+        pos = shapes.get("img_emb.emb_pos")
+        if cfg.model_type == "flf2v" and pos is not None:
+            # The Wan release's config.json does not say how many CLIP tokens the FLF2V DiT takes: its stored
+            # position embedding [1, 2 x tokens per image, image_dim] does.
+            if len(pos) != 3 or pos[0] != 1:
+                raise CheckpointError(f"DiT checkpoint in {folder}: img_emb.emb_pos has shape {pos}, expected "
+                                      "[1, 2 x CLIP tokens per image, image_dim]")
+            if d.get("pos_embed_seq_len") is not None and d["pos_embed_seq_len"] != pos[1]:
+                raise CheckpointError(f"{folder / 'config.json'}: pos_embed_seq_len {d['pos_embed_seq_len']} "
+                                      f"disagrees with the stored img_emb.emb_pos {pos}")
+            cfg = replace(cfg, image_pos_len=pos[1])
     return cfg
 
 
@@ -381,13 +226,54 @@ def dit_tensors(model_dir: Path, layout: str, expert: str | None = None) -> Iter
         yield (dit_key_from_diffusers(key) if layout == "diffusers" else _strip_wan_prefix(key)), t
 
 
+def _has_diffusers_names(path: Path) -> bool:
+    return any(k.startswith("condition_embedder.") or ".attn1." in k for k in safetensors_keys(path))
+
+
 def single_file_dit_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(wan key, tensor) pairs from one safetensors file in either naming (e.g. a distilled DiT)."""
     files = [require_file(Path(path), "DiT weights file")]
-    with safe_open(str(files[0]), framework="pt", device="cpu") as sf:
-        diffusers_names = any(k.startswith("condition_embedder.") or ".attn1." in k for k in sf.keys())
+    rename = dit_key_from_diffusers if _has_diffusers_names(files[0]) else _strip_wan_prefix
     for key, t in iter_safetensors(files):
-        yield (dit_key_from_diffusers(key) if diffusers_names else _strip_wan_prefix(key)), t
+        yield rename(key), t
+
+
+def dit_lazy_tensors(model_dir: Path | None = None, layout: str = "wan", *, expert: str | None = None,
+                     weights_file: Path | None = None) -> LazyTensors:
+    """The DiT's tensors in Wan names, read one at a time when asked (``lazy_load``): from a model folder in either
+    layout, or from one safetensors file in either naming (LightX2V's ``dit_original_ckpt``)."""
+    if weights_file is not None:
+        files = [require_file(Path(weights_file), "DiT weights file")]
+        rename = dit_key_from_diffusers if _has_diffusers_names(files[0]) else _strip_wan_prefix
+    else:
+        files = safetensors_files(dit_folder(Path(model_dir), layout, expert), WAN_DIT_WEIGHTS)
+        rename = dit_key_from_diffusers if layout == "diffusers" else _strip_wan_prefix
+    return LazyTensors(files, rename, what="DiT checkpoint")
+
+
+def load_dit_without_blocks(model_dir: str | Path, layout: str, *, attn, device="cpu",
+                            dtype: torch.dtype = torch.float32, expert: str | None = None):
+    """Build a WanDiT on the meta device and load only its non-block weights (strictly) onto ``device``; the block
+    weights stay on the meta device with their dtypes set, for ``apply_offload(..., lazy_load=True)``."""
+    import torch.nn as nn
+
+    from lightx2v.models.wan.dit import WanDiT
+
+    cfg = read_dit_config(Path(model_dir), layout, expert)
+    with torch.device("meta"):
+        model = WanDiT(cfg, attn)
+    holder = nn.Module()  # the non-block submodules under their own names, so strict loading accounts for each key
+    for name, child in model.named_children():
+        if name != "blocks" and child is not None:
+            holder.add_module(name, child)
+    source = dit_lazy_tensors(Path(model_dir), layout, expert=expert)
+    tensors = ((k, source.get(k)) for k in list(source.keys()) if not k.startswith("blocks."))
+    dtype_for = lambda name: torch.float32 if WanDiT.is_float32_param(name) else dtype  # noqa: E731
+    assign_strict(holder, tensors, what=f"DiT checkpoint in {dit_folder(Path(model_dir), layout, expert)}",
+                  dtype_for=dtype_for, device=device)
+    source.close()
+    model.to_inference_dtype(dtype)  # block tensors: meta, now with the dtypes the slots will use
+    return model.eval().requires_grad_(False)
 
 
 def load_dit(model_dir: Path, layout: str, *, attn, device="cpu", dtype=torch.float32,

@@ -37,8 +37,7 @@ from pathlib import Path
 import torch
 
 from lightx2v.errors import CheckpointError, UserError
-from lightx2v.models.wan.checkpoint import (check_present, key_problems, read_json, read_safetensors_dir,
-                                            torch_load_state_dict)
+from lightx2v.loading import check_present, key_problems, read_json, read_safetensors_dir, torch_load_state_dict
 
 __all__ = [
     "DIFFUSERS_IGNORED_KEYS",

@@ -17,7 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightx2v.models.wan.arch import CLIP_TOKENS, WanDiTConfig
+from lightx2v.models.block_stack import BlockStack
+from lightx2v.models.plan import HookPlan
+from lightx2v.models.wan.arch import WanDiTConfig
+from lightx2v.models.wan.checkpoint import dit_key_to_diffusers, wan_key_from_diffusers
 from lightx2v.ops import triton as fused
 from lightx2v.ops.attention import AttentionBackend
 
@@ -386,7 +389,9 @@ class Head(nn.Module):
 
 
 class ImageProjection(nn.Module):
-    """CLIP image tokens [B, 257, 1280] -> [B, 257, dim] (FLF2V: first and last image, 514 tokens)."""
+    """CLIP image tokens [B, T, image_dim] -> [B, T, dim]: T = 257 for ViT-H/14 I2V; FLF2V: the first and the last
+    image's tokens together, T = ``cfg.image_pos_len`` (2 x 257 in the release), each position with its own
+    learned embedding ``emb_pos`` [1, T, image_dim]."""
 
     def __init__(self, cfg: WanDiTConfig):
         super().__init__()
@@ -395,13 +400,17 @@ class ImageProjection(nn.Module):
             nn.LayerNorm(d_in), nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, cfg.dim), nn.LayerNorm(cfg.dim)
         )
         if cfg.model_type == "flf2v":
-            self.emb_pos = nn.Parameter(torch.zeros(1, 2 * CLIP_TOKENS, d_in))
+            self.emb_pos = nn.Parameter(torch.zeros(1, cfg.image_pos_len, d_in))
         else:
             self.emb_pos = None
 
     def forward(self, clip_tokens: torch.Tensor) -> torch.Tensor:
-        if self.emb_pos is not None:  # [B, 2 * 257, 1280]: first and last frame tokens
-            clip_tokens = clip_tokens.reshape(-1, self.emb_pos.shape[1], clip_tokens.shape[-1]) + self.emb_pos
+        if self.emb_pos is not None:  # [B, image_pos_len, image_dim]: first and last frame tokens
+            n = self.emb_pos.shape[1]
+            if clip_tokens.shape[-2] * (clip_tokens.shape[0] if clip_tokens.ndim == 3 else 1) % n:
+                raise ValueError(f"FLF2V DiT takes {n} CLIP tokens per sample ({n // 2} per image), got "
+                                 f"{tuple(clip_tokens.shape)}: the image encoder does not fit this DiT")
+            clip_tokens = clip_tokens.reshape(-1, n, clip_tokens.shape[-1]) + self.emb_pos
         norm0, fc1, act, fc2, norm1 = self.proj
         dtype = fc1.weight.dtype
         y = layer_norm_f32(clip_tokens, norm0.eps, norm0.weight, norm0.bias).to(dtype)
@@ -411,8 +420,43 @@ class ImageProjection(nn.Module):
 
 # --- the model ------------------------------------------------------------------------------------------------
 
+class WanStackArgs(NamedTuple):
+    """Per-forward inputs of every block (what block-stack hooks receive as ``args``)."""
+
+    modulation: "torch.Tensor | TokenRuns"  # e: [B, 6, C] float32 time projection (or per-run, Wan2.2 TI2V)
+    context: torch.Tensor  # [B, Lt, C] embedded text tokens
+    context_img: torch.Tensor | None  # [B, Li, C] embedded CLIP tokens (Wan2.1 I2V / FLF2V)
+    rope: Rope
+    temb: torch.Tensor  # [B, C] (or [B * R, C] per run) float32 time embedding, before the 6-way projection
+
+
+def _call_block(block: "WanBlock", tokens: torch.Tensor, a: WanStackArgs) -> torch.Tensor:
+    return block(tokens, a.modulation, a.context, a.context_img, a.rope)
+
+
+def _diffusers_to_wan(key: str) -> str | None:
+    return wan_key_from_diffusers(key)
+
+
+def _wan_to_diffusers(key: str) -> str | None:
+    try:
+        return dit_key_to_diffusers(key)
+    except ValueError:
+        return None
+
+
+# Phases of a block (offload_granularity "phase"): the block's ``modulation`` is read before self_attn runs and stays
+# resident; norm3 belongs with the cross-attention it feeds.
+WAN_PHASES = (("self_attn", ("self_attn",)), ("cross_attn", ("norm3", "cross_attn")), ("ffn", ("ffn",)))
+# Used only before block 0 (the head runs after the blocks).
+WAN_EMBEDDINGS = ("patch_embedding", "time_embedding", "time_projection", "text_embedding", "img_emb")
+
+
 class WanDiT(nn.Module):
     """Wan2.1 DiT. ``forward(x, t, context, clip_tokens=None) -> velocity`` with x: [B, in_dim, F, H, W]."""
+
+    hook_plan = HookPlan(blocks="blocks", phases=WAN_PHASES, embeddings=WAN_EMBEDDINGS, quantize_prefixes=("blocks.",),
+                         foreign_to_ours=_diffusers_to_wan, ours_to_foreign=_wan_to_diffusers)
 
     # Parameters kept in float32 whatever the model dtype (small; they carry the reference's float32 math).
     # time_projection ([6C, C], 0.6 GB for 14B in float32) is stored in the model dtype but computed in float32.
@@ -429,6 +473,7 @@ class WanDiT(nn.Module):
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList([WanBlock(cfg, attn) for _ in range(cfg.num_layers)])
+        self.block_stack = BlockStack(self.blocks, _call_block)  # the hook point of caching / sequence parallel
         self.head = Head(cfg)
         self.img_emb = ImageProjection(cfg) if cfg.has_image_input else None
         self._rope_cache: dict = {}
@@ -512,7 +557,7 @@ class WanDiT(nn.Module):
         temb, e = self.embed_timesteps(t, b, grid)
         ctx = self.text_embedding(context.to(dtype))
         ctx_img = self.img_emb(clip_tokens.to(dtype)) if self.img_emb is not None else None
-        tokens = self.run_blocks(tokens, e, ctx, ctx_img, self.rope(grid, x.device))
+        tokens = self.block_stack(tokens, WanStackArgs(e, ctx, ctx_img, self.rope(grid, x.device), temb))
         return self.unpatchify(self.head(tokens, e if isinstance(e, TokenRuns) else temb), grid)
 
     def embed_timesteps(self, t: torch.Tensor, b: int, grid: tuple[int, int, int]):
@@ -538,12 +583,6 @@ class WanDiT(nn.Module):
         r = len(change) - 1
         return temb, TokenRuns(e.unflatten(0, (b, r)), temb.unflatten(0, (b, r)),
                                tuple(i * per_frame for i in change))
-
-    def run_blocks(self, tokens, e, ctx, ctx_img, rope) -> torch.Tensor:
-        """The block stack: [B, L, C] -> [B, L, C]. Feature-caching hooks replace this method on an instance."""
-        for block in self.blocks:
-            tokens = block(tokens, e, ctx, ctx_img, rope)
-        return tokens
 
     def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, L, out_dim * pt * ph * pw] -> [B, out_dim, F, H, W] float32."""

@@ -40,8 +40,8 @@ except ImportError:  # pragma: no cover
     _ftfy = None
 
 from lightx2v.errors import CheckpointError, UserError
-from lightx2v.models.wan.checkpoint import (check_present, key_problems, read_json, read_safetensors_dir,
-                                            torch_load_state_dict)
+from lightx2v.loading import (check_present, key_problems, read_json, read_safetensors_dir, rename_state_dict,
+                              torch_load_state_dict)
 
 __all__ = [
     "DIFFUSERS_TEXT_ENCODER_DIR",
@@ -205,23 +205,14 @@ class WanTextEncoder:
 
 
 def _rename(sd: Mapping[str, torch.Tensor], table, what: str) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    unmapped: list[str] = []
-    source_of: dict[str, str] = {}
-    for key, value in sd.items():
+    """Rename by a table of (regex, replacement) that must match whole keys."""
+    def mapping(key: str) -> str | None:
         for pattern, repl in table:
             if pattern.fullmatch(key):
-                new = pattern.sub(repl, key)
-                if new in out:
-                    raise CheckpointError(f"{what}: keys {source_of[new]!r} and {key!r} both map to {new!r}")
-                out[new] = value
-                source_of[new] = key
-                break
-        else:
-            unmapped.append(key)
-    if unmapped:
-        raise CheckpointError(f"{what}: unexpected keys (no mapping): {', '.join(sorted(unmapped))}")
-    return out
+                return pattern.sub(repl, key)
+        return None
+
+    return rename_state_dict(sd, mapping, what)
 
 
 def _fold_tied_embedding(sd: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:

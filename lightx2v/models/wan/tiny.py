@@ -6,7 +6,7 @@ the real loaders. Its output is noise: it exists to check an installation, and t
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,10 +15,11 @@ from dataclasses import replace
 
 import torch
 
+from lightx2v.loading import cache_root
 from lightx2v.models.wan.arch import PRESETS
 from lightx2v.models.wan.checkpoint import WAN22_VAE_FILE, WAN_T5_FILE, WAN_VAE_FILE, save_dit
 
-TINY_VERSION = 1
+TINY_VERSION = 2  # 2: the folder carries its default sizes (lightx2v_defaults.json)
 # Sizes a 2-core CPU runs in seconds (keyword overrides and config_json still win).
 _TINY = {"height": 128, "width": 128, "num_frames": 17, "infer_steps": 20, "sample_shift": 5.0, "guidance_scale": 5.0}
 TINY_DEFAULTS = {"t2v": _TINY, "i2v": {**_TINY, "sample_shift": 3.0}, "flf2v": {**_TINY, "sample_shift": 3.0}}
@@ -49,10 +50,6 @@ def tiny_vae22_config():
                         latents_std=WAN22_LATENTS_STD, is_residual=True, patch_size=2)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LIGHTX2V_CACHE_DIR") or Path.home() / ".cache" / "lightx2v")
-
-
 def ensure_tiny_model(task: str = "t2v", model_cls: str = "wan2.1", root: Path | None = None) -> Path:
     """Return the folder of the tiny model for ``task`` (t2v, i2v, flf2v) and ``model_cls``, writing it first if
     needed (Wan2.1; Wan2.2 A14B: two experts, Wan2.2 I2V without CLIP; Wan2.2 TI2V-5B: the 48-channel VAE)."""
@@ -64,6 +61,8 @@ def ensure_tiny_model(task: str = "t2v", model_cls: str = "wan2.1", root: Path |
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
     try:
         write_tiny_model(tmp, task, family)
+        # the sizes it runs in seconds, also when the folder is passed as model_path
+        (tmp / "lightx2v_defaults.json").write_text(json.dumps(tiny_defaults(task, family), indent=2) + "\n")
         (tmp / "COMPLETE").write_text("ok\n")
         try:
             tmp.rename(folder)

@@ -48,8 +48,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightx2v.errors import CheckpointError, UserError
-from lightx2v.models.wan.checkpoint import (WAN22_VAE_FILE, WAN_VAE_FILE, key_problems, read_json, read_safetensors_dir,
-                                            require_file, torch_load_state_dict)
+from lightx2v.loading import (key_problems, read_json, read_safetensors_dir, rename_state_dict, require_file,
+                              torch_load_state_dict)
+from lightx2v.models.wan.checkpoint import WAN22_VAE_FILE, WAN_VAE_FILE
 from lightx2v.ops.triton.vae_rows import bias_norm_silu_rows as _bias_norm_silu_rows
 from lightx2v.ops.triton.vae_rows import bias_residual_rows_ as _bias_residual_rows_
 
@@ -1010,27 +1011,35 @@ def _unpatchify_into(out: torch.Tensor, y: torch.Tensor, p: int) -> None:
 # --- the VAE ----------------------------------------------------------------------------------------------------------
 
 
+VAE_PARTS = ("both", "encoder", "decoder")
+
+
 class WanVAE(nn.Module):
     """A Wan VAE with the original release's parameter names (``encoder.*``, ``conv1.*``, ``conv2.*``,
     ``decoder.*``). Inputs are cast to the parameters' dtype; outputs come in that dtype."""
 
-    def __init__(self, config: WanVAEConfig | None = None) -> None:
+    def __init__(self, config: WanVAEConfig | None = None, part: str = "both") -> None:
+        """``part``: "both", or only the "encoder" (``encoder`` + ``conv1``) or the "decoder" (``conv2`` +
+        ``decoder``) for a stage that needs one half."""
         super().__init__()
+        if part not in VAE_PARTS:
+            raise ValueError(f"part={part!r} must be one of {VAE_PARTS}")
         cfg = config if config is not None else WanVAEConfig()
-        self.config = cfg
-        self.encoder = Encoder3d(cfg)
-        self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)  # diffusers: quant_conv
-        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)  # diffusers: post_quant_conv
-        self.decoder = Decoder3d(cfg)
+        self.config, self.part = cfg, part
+        enc, dec = part in ("both", "encoder"), part in ("both", "decoder")
+        self.encoder = Encoder3d(cfg) if enc else None
+        self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1) if enc else None  # diffusers: quant_conv
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1) if dec else None  # diffusers: post_quant_conv
+        self.decoder = Decoder3d(cfg) if dec else None
         self._weights_channels_last = False
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.conv2.weight.dtype
+        return next(self.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.conv2.weight.device
+        return next(self.parameters()).device
 
     def _latent_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, 1/std) as float32 [1, z_dim, 1, 1, 1], as diffusers' pipelines compute them."""
@@ -1258,10 +1267,7 @@ def vae_rename_table(cfg: WanVAEConfig) -> dict[str, str]:
 
 
 def _rename(sd: Mapping[str, torch.Tensor], table: Mapping[str, str], what: str) -> dict[str, torch.Tensor]:
-    unknown = sorted(k for k in sd if k not in table)
-    if unknown:
-        raise CheckpointError(f"{len(unknown)} unknown {what} VAE key(s): {', '.join(unknown)}")
-    return {table[k]: v for k, v in sd.items()}
+    return rename_state_dict(sd, table.get, f"{what} VAE state dict")
 
 
 def vae_state_dict_to_diffusers(sd: Mapping[str, torch.Tensor], cfg: WanVAEConfig) -> dict[str, torch.Tensor]:
@@ -1284,11 +1290,17 @@ def _read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_and_assign(vae: WanVAE, sd: Mapping[str, Any], source: Path, device, dtype: torch.dtype) -> WanVAE:
-    expected = {k: v.shape for k, v in vae.state_dict().items()}
+    """Strict against the whole VAE (every key of the file must fit the config), then assign the part ``vae`` holds
+    (only those tensors are read from the memory-mapped file)."""
+    if vae.part == "both":
+        expected = {k: v.shape for k, v in vae.state_dict().items()}
+    else:
+        with torch.device("meta"):
+            expected = {k: v.shape for k, v in WanVAE(vae.config).state_dict().items()}
     problems = key_problems(expected, sd)
     if problems:
         raise CheckpointError(f"VAE checkpoint {source} does not fit {vae.config}: " + "; ".join(problems))
-    tensors = {k: sd[k].to(device=device, dtype=dtype) for k in expected}
+    tensors = {k: sd[k].to(device=device, dtype=dtype) for k in vae.state_dict()}
     result = vae.load_state_dict(tensors, strict=False, assign=True)
     assert not result.missing_keys and not result.unexpected_keys
     return vae.eval().requires_grad_(False)
@@ -1323,13 +1335,15 @@ def load_wan_vae(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     config: WanVAEConfig | None = None,
+    part: str = "both",
 ) -> WanVAE:
     """Load the VAE from ``Wan2.1_VAE.pth`` or ``Wan2.2_VAE.pth`` (original names; without ``config`` the
     architecture is inferred from the tensors, and the latent statistics are Wan2.1's for 16 latent channels,
     Wan2.2's for 48; a folder holding one of those files, such as the original Wan model folder, works too) or from a
     diffusers ``vae/`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, possibly sharded;
     ``config``, if given, must equal the folder's). Raises CheckpointError naming missing files, and every missing,
-    unexpected or mis-shaped tensor."""
+    unexpected or mis-shaped tensor. ``part``: "encoder" or "decoder" builds and loads only that half (the file is
+    still checked whole)."""
     path = _resolve_vae_path(path)
     if path.is_dir():
         cfg = WanVAEConfig.from_diffusers_config(read_json(path / DIFFUSERS_CONFIG, "VAE config"))
@@ -1346,7 +1360,7 @@ def load_wan_vae(
             except CheckpointError as e:
                 raise CheckpointError(f"{path}: {e}") from e
     with torch.device("meta"):
-        vae = WanVAE(cfg)
+        vae = WanVAE(cfg, part=part)
     return _check_and_assign(vae, sd, path, device, dtype)
 
 

@@ -39,18 +39,36 @@ def resolve_scheme(name: str | None) -> str | None:
     return base
 
 
-def quantize_weight(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """[out, in] float -> (quantized [out, in], float32 scale [out, 1]) with symmetric per-output-channel scales."""
+_QMAX = {torch.int8: INT8_MAX, torch.float8_e4m3fn: FP8_MAX, torch.float8_e5m2: 57344.0}
+
+
+def quantize_weight(w: torch.Tensor, scheme: str | torch.dtype, per_tensor: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """float ``w`` [out, ...] -> (quantized weight, float32 scale [out, 1]; [1] with ``per_tensor``): symmetric absmax
+    scaling per output channel. ``scheme``: "fp8" / "int8" or the storage dtype (int8, float8_e4m3fn, float8_e5m2)."""
+    dtype = _STORAGE[scheme] if isinstance(scheme, str) else scheme
+    qmax = _QMAX[dtype]
     wf = w.float()
-    qmax = FP8_MAX if scheme == "fp8" else INT8_MAX
-    scale = (wf.abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-12)
-    q = wf / scale
-    q = q.to(torch.float8_e4m3fn) if scheme == "fp8" else q.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    amax = wf.abs().amax().reshape(1) if per_tensor else wf.abs().flatten(1).amax(dim=1, keepdim=True)
+    scale = (amax / qmax).clamp(min=1e-12)
+    q = wf / (scale if per_tensor else scale.reshape(-1, *[1] * (w.ndim - 1)))
+    q = q.round().clamp(-qmax, qmax).to(dtype) if dtype == torch.int8 else q.clamp(-qmax, qmax).to(dtype)
     return q, scale
 
 
+def is_quantized_dtype(dtype: torch.dtype) -> bool:
+    return dtype in _QMAX
+
+
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.float()
+    """int8/fp8 ``q`` [out, ...] with a per-output-channel ([out], [out, 1]) or per-tensor scale -> float32."""
+    scale = scale.float()
+    if scale.numel() == 1:
+        return q.float() * scale.reshape([1] * q.ndim)
+    if scale.numel() == q.shape[0]:
+        return q.float() * scale.reshape(-1, *[1] * (q.ndim - 1))
+    raise UserError(f"weight_scale of shape {tuple(scale.shape)} is neither per tensor nor per output channel of a "
+                    f"weight {tuple(q.shape)}")
 
 
 def quantize_activation(x2d: torch.Tensor, scheme: str, impl: str | None = None
@@ -142,9 +160,13 @@ def _quantized_input(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.
 
 
 def quantizable_linears(model: nn.Module) -> list[str]:
-    """Names of the Linear layers that quantization replaces: those inside the transformer blocks (attention
-    projections and FFN). Embeddings, norms, the time/text/image projections and the head stay in high precision."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("blocks.")]
+    """Names of the Linear layers that quantization replaces: those under the model's hook plan's
+    ``quantize_prefixes`` (the transformer blocks: attention projections and FFN). Embeddings, norms, the
+    time/text/image projections and the head stay in high precision."""
+    from lightx2v.models.plan import plan_of
+
+    prefixes = plan_of(model).quantize_prefixes
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith(prefixes)]
 
 
 def apply_quantization(model: nn.Module, scheme: str) -> nn.Module:

@@ -8,6 +8,7 @@
 #   wan22   bench_dit: Wan2.2 A14B expert and TI2V-5B   profile  bench_speed 14B eager modes + profile
 #   vae     bench_vae: VAE decode, ours vs diffusers (Wan2.1 480x832x81, Wan2.2 704x1280x121)
 #   lightvae bench_light_vae: TAE / LightVAE decode vs our full VAE, RIFE throughput (Wan2.1, then Wan2.2)
+#   qwen    bench_qwen_image: Qwen-Image DiT step and VAE decode/encode, ours vs diffusers (+ qwen-trt: TensorRT VAE)
 #   all-tests  the whole suite on the GPU machine
 set -uo pipefail
 if [ -d .whl ]; then
@@ -29,6 +30,8 @@ for part in "$@"; do
     wan22) python3 bench_dit.py --models a14b-i2v 5b-ti2v --steps 2 ;;
     vae) python3 bench_vae.py --profile ;;
     lightvae) python3 bench_light_vae.py --json "$OUT/light_vae.json" && python3 bench_light_vae.py --wan22 --parts vae,tae --json "$OUT/light_vae22.json" ;;
+    qwen) python3 bench_qwen_image.py ;;
+    qwen-trt) python3 bench_qwen_image.py --parts trt ;;
     kernels) python3 bench_kernels.py ;;
     attn) python3 bench_attention.py ;;
     e2e) python3 bench_e2e.py --part e2e ;;

@@ -259,3 +259,25 @@ def test_refused_features_name_themselves(t2v):
         generator(folder, transformer_model_name="480p_i2v")
     with pytest.raises(UserError, match="whose DiT is a t2v model"):
         LightX2VPipeline(model_path=folder, model_cls="hunyuan_video_1.5", task="i2v").create_generator(**SMALL)
+
+
+def test_cfg_distilled_checkpoint_warns_when_run_with_cfg(t2v, tmp_path, caplog):
+    """A checkpoint whose guider runs no CFG (guidance 1: CFG-distilled) with the family's default guidance 6: a
+    warning naming the fix; with enable_cfg false (LightX2V's cfg_distilled config) it is the model's own sampling."""
+    import json
+    import logging
+    import shutil
+
+    folder = tmp_path / "distilled"
+    shutil.copytree(t2v[0], folder)
+    guider = folder / "guider" / "guider_config.json"
+    guider.write_text(json.dumps({**json.loads(guider.read_text()), "guidance_scale": 1.0}))
+    with caplog.at_level(logging.WARNING, logger="lightx2v"):
+        generator(folder)
+    assert "CFG-distilled" in caplog.text and "enable_cfg false" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lightx2v"):
+        pipe = generator(folder, enable_cfg=False)
+    assert "CFG-distilled" not in caplog.text
+    want = generate(folder, HunyuanVideo15Request(prompt=ref.PROMPT, **SMALL))  # the checkpoint's guidance: no CFG
+    assert torch.equal(run(pipe, prompt=ref.PROMPT), want)

@@ -28,6 +28,7 @@ CPU offload, feature caching (Tea / Mag / FirstBlock on the DiT's block stack), 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,15 @@ from lightx2v.engine.progress import RunContext
 from lightx2v.engine.request import GenerationRequest, SamplingConfig
 from lightx2v.errors import CheckpointError, UserError
 from lightx2v.models.hunyuan_video_15.arch import TARGET_SIZES, closest_bucket, parse_aspect_ratio
-from lightx2v.models.hunyuan_video_15.checkpoint import detect_layout, read_dit_config, read_vae_config
+from lightx2v.models.hunyuan_video_15.checkpoint import (detect_layout, read_dit_config, read_vae_config,
+                                                         sampling_defaults)
 from lightx2v.models.hunyuan_video_15.config import (FAMILY as NAME, VAE_STRIDE, HunyuanVideo15Config, check_task,
                                                      not_implemented)
 from lightx2v.models.hunyuan_video_15.stages import (HunyuanVideo15Decoder, HunyuanVideo15Encoded,
                                                      HunyuanVideo15Encoder, HunyuanVideo15Options,
                                                      HunyuanVideo15Request, HunyuanVideo15Transformer, Sampling)
+
+log = logging.getLogger("lightx2v")
 
 MODEL_CLS, DISTILL_CLS = "hunyuan_video_1.5", "hunyuan_video_1.5_distill"
 TASKS = ("t2v", "i2v")
@@ -344,6 +348,11 @@ def check_checkpoint(spec: StageSpec) -> None:
     if task == "i2v" and _image_width(root, layout) != dit.image_embed_dim:
         raise CheckpointError(f"the SigLIP hidden size does not fit the DiT's image_embed_dim {dit.image_embed_dim}")
     s = spec.config.sampling
+    own = sampling_defaults(root, layout, fam.transformer_model_name)
+    if own["guidance_scale"] == 1.0 and s.enable_cfg and s.guidance_scale != 1.0:
+        log.warning("%s is CFG-distilled (its own guidance is 1: one forward per step), but this generator runs "
+                    "CFG with guidance_scale %s; set enable_cfg false (as LightX2V's cfg_distilled config does) or "
+                    "guidance_scale 1 for the model's own sampling", root, s.guidance_scale)
     if s.aspect_ratio is None:
         for name in ("height", "width"):
             if getattr(s, name) % vae.spatial_compression_ratio:

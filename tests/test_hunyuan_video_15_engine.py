@@ -247,6 +247,9 @@ def test_feature_caching_threshold_zero_is_uncached(t2v, cache, thresh_key):
     stats = loose.runner.last_stats["cache"]
     assert stats["cond"]["skipped"] > 0 and stats["uncond"]["skipped"] > 0  # steps skipped: another result
     assert maxdiff(got, want) > 0
+    # with the DiT's blocks streamed as well (skipped blocks are never made resident): the same frames
+    both = generator(folder, **cache, **{thresh_key: 1e9}, cpu_offload=True, offload_granularity="block")
+    assert torch.equal(run(both, seed=1, prompt=ref.PROMPT, infer_steps=6), got)
 
 
 def test_refused_features_name_themselves(t2v):

@@ -19,6 +19,7 @@ from lightx2v.errors import UserError
 BUILTIN_FAMILIES = (
     "lightx2v.models.wan.family",
     "lightx2v.models.z_image.family",
+    "lightx2v.models.hunyuan_video_15.family",
 )
 
 _FAMILIES: dict[str, "ModelFamily"] = {}

@@ -79,10 +79,13 @@ def single_file_dit_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tenso
 
 
 def load_dit(model_path: str | Path, *, attn, device="cpu", dtype: torch.dtype = torch.float32,
-             weights_file: str | Path | None = None):
+             weights_file: str | Path | None = None, quant_scheme: str | None = None):
     """Build the MMDiT on the meta device and stream its tensors in (strict). ``weights_file``: take the tensors from
     that one safetensors file instead (e.g. a distilled DiT); the architecture still comes from
-    ``transformer/config.json``."""
+    ``transformer/config.json``. ``quant_scheme`` ("fp8" / "int8", LightX2V's ``dit_quant_scheme``): the Linear
+    layers of the blocks (the hook plan's ``quantize_prefixes``) become ``QuantLinear``; float weights are quantized
+    per output channel as they stream in (on ``device``), pre-quantized ones (LightX2V's layout: ``X.weight`` int8 /
+    float8_e4m3fn + ``X.weight_scale`` float32 [out, 1]) are taken as they are."""
     from lightx2v.models.qwen_image.dit import QwenImageDiT
 
     cfg = read_dit_config(model_path)
@@ -92,5 +95,44 @@ def load_dit(model_path: str | Path, *, attn, device="cpu", dtype: torch.dtype =
         tensors, what = single_file_dit_tensors(weights_file), f"DiT weights file {weights_file}"
     else:
         tensors, what = dit_tensors(model_path), f"DiT checkpoint in {model_root(model_path) / TRANSFORMER_DIR}"
-    assign_strict(model, tensors, what=what, dtype_for=lambda name: dtype, device=device)
+    quantized: set[str] = set()
+    if quant_scheme is not None:
+        from lightx2v.ops.quant import apply_quantization, quantizable_linears
+
+        quantized = set(quantizable_linears(model))
+        apply_quantization(model, quant_scheme)
+        tensors = quantize_stream(tensors, quantized, quant_scheme, device, what)
+
+    def dtype_for(name: str):
+        module, _, leaf = name.rpartition(".")
+        return None if module in quantized and leaf in ("weight", "weight_scale") else dtype  # storage dtypes kept
+
+    try:
+        assign_strict(model, tensors, what=what, dtype_for=dtype_for, device=device)
+    except CheckpointError as e:
+        if quant_scheme is None and "weight_scale" in str(e):
+            raise CheckpointError(f"{e}; this looks like a pre-quantized checkpoint: set dit_quant_scheme to fp8 or "
+                                  "int8") from None
+        raise
     return model.eval().requires_grad_(False)
+
+
+def quantize_stream(tensors: Iterator[tuple[str, torch.Tensor]], quantized: set[str], scheme: str, device, what: str
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass (name, tensor) pairs through, quantizing the float ``weight`` of each module in ``quantized`` (one at a
+    time, on ``device``) and adding its ``weight_scale``; pre-quantized weights must already be in ``scheme``'s
+    storage dtype."""
+    from lightx2v.ops.quant import _STORAGE, quantize_weight
+
+    for name, t in tensors:
+        module, _, leaf = name.rpartition(".")
+        if module in quantized and leaf == "weight":
+            if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+                q, scale = quantize_weight(t.to(device), scheme)
+                yield name, q
+                yield f"{module}.weight_scale", scale
+                continue
+            if t.dtype != _STORAGE[scheme]:
+                raise CheckpointError(f"{what}: {name} is stored as {t.dtype}, which does not fit dit_quant_scheme "
+                                      f"{scheme!r} ({_STORAGE[scheme]})")
+        yield name, t

@@ -79,13 +79,16 @@ def single_file_dit_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tenso
 
 
 def load_dit(model_path: str | Path, *, attn, device="cpu", dtype: torch.dtype = torch.float32,
-             weights_file: str | Path | None = None, quant_scheme: str | None = None):
+             weights_file: str | Path | None = None, quant_scheme: str | None = None,
+             copy_mapped: bool | None = None):
     """Build the MMDiT on the meta device and stream its tensors in (strict). ``weights_file``: take the tensors from
     that one safetensors file instead (e.g. a distilled DiT); the architecture still comes from
     ``transformer/config.json``. ``quant_scheme`` ("fp8" / "int8", LightX2V's ``dit_quant_scheme``): the Linear
     layers of the blocks (the hook plan's ``quantize_prefixes``) become ``QuantLinear``; float weights are quantized
     per output channel as they stream in (on ``device``), pre-quantized ones (LightX2V's layout: ``X.weight`` int8 /
-    float8_e4m3fn + ``X.weight_scale`` float32 [out, 1]) are taken as they are."""
+    float8_e4m3fn + ``X.weight_scale`` float32 [out, 1]) are taken as they are. ``copy_mapped``: copy the tensors
+    still memory-mapped from the file into fresh memory (:func:`_own_cpu_tensors`; default: when ``device`` is the
+    CPU; a caller that puts the weights on the CPU only to stream them to a GPU passes False)."""
     from lightx2v.models.qwen_image.dit import QwenImageDiT
 
     cfg = read_dit_config(model_path)
@@ -114,7 +117,30 @@ def load_dit(model_path: str | Path, *, attn, device="cpu", dtype: torch.dtype =
             raise CheckpointError(f"{e}; this looks like a pre-quantized checkpoint: set dit_quant_scheme to fp8 or "
                                   "int8") from None
         raise
+    if copy_mapped if copy_mapped is not None else torch.device(device).type == "cpu":
+        _own_cpu_tensors(model)
     return model.eval().requires_grad_(False)
+
+
+ALIGN = 64  # bytes: what a fresh CPU allocation gets
+
+
+def _own_cpu_tensors(model: torch.nn.Module) -> None:
+    """Copy the CPU tensors that are still views of the memory-mapped safetensors file into fresh allocations.
+
+    Such a view sits at the file's byte offset (the header length decides it), and CPU GEMM kernels round
+    differently on unaligned operands (~1e-6 on the tiny model): without the copy a CPU result would depend on how
+    the file was written, and differ from the same weights held anywhere else (e.g. offload's aligned buffers).
+    Off the CPU, or after a dtype conversion, the tensors are copies already."""
+    with torch.no_grad():
+        for module in model.modules():
+            for store in (module._parameters, module._buffers):
+                for key, t in store.items():
+                    if t is not None and t.device.type == "cpu" and t.data_ptr() % ALIGN:
+                        if isinstance(t, torch.nn.Parameter):
+                            t.data = t.data.clone()
+                        else:
+                            store[key] = t.clone()
 
 
 def quantize_stream(tensors: Iterator[tuple[str, torch.Tensor]], quantized: set[str], scheme: str, device, what: str

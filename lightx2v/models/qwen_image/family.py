@@ -41,6 +41,7 @@ from lightx2v.engine.progress import RunContext
 from lightx2v.engine.request import GenerationRequest, SamplingConfig
 from lightx2v.errors import CheckpointError, UserError
 from lightx2v.models.qwen_image import checkpoint as ckpt
+from lightx2v.models.qwen_image.scheduler import QwenImageScheduler
 from lightx2v.models.qwen_image.stages import (TASKS, QwenImageDecoder, QwenImageEncoded, QwenImageEncoder,
                                                QwenImageOptions, QwenImageRequest, QwenImageTransformer,
                                                check_aspect_ratios)
@@ -290,6 +291,12 @@ class Transformer(_Stage):
     @property
     def dtype(self) -> torch.dtype:
         return self.inner.dtype
+
+    def check_sampling(self, s: SamplingConfig) -> None:
+        super().check_sampling(s)
+        # the scheduler's own checks (steps and shift against its config), before any model runs
+        QwenImageScheduler(self.inner.scheduler_config).set_timesteps(
+            s.infer_steps, image_seq_len=1024, sample_shift=None if s.sample_shift == AUTO else s.sample_shift)
 
     def check_request(self, request: GenerationRequest) -> None:
         super().check_request(request)

@@ -398,7 +398,8 @@ class QwenImageTransformer:
             attn = get_attention_backend(self.options.attn_mode, dtype=dtype, head_dim=cfg.head_dim,
                                          device=self.device)
             dit = load_dit(self.root, attn=attn, device=load_device or device, dtype=dtype,
-                           weights_file=self.options.dit_original_ckpt, quant_scheme=quant_scheme)
+                           weights_file=self.options.dit_original_ckpt, quant_scheme=quant_scheme,
+                           copy_mapped=self.device.type == "cpu")
         self.dit = dit
         self.scheduler_config = read_scheduler_config(self.root)
 

@@ -1,7 +1,7 @@
 """Qwen-Image through the engine: LightX2VPipeline(model_cls="qwen_image") against the family's generate() (bit for
 bit) and diffusers' QwenImagePipeline / QwenImageEditPipeline / QwenImageEditPlusPipeline (<= 5e-3 per pixel, true
 CFG on), the CLI (generate, build-trt), one-line errors, the stage messages as bytes, progress and cancel, and the
-DiT's runtime features (block / phase / model offload, LoRA in the release's and kohya's naming, fp8 / int8)."""
+DiT's runtime features (block / phase / model offload, LoRA in the release's, kohya's and PEFT's naming, fp8 / int8)."""
 
 from __future__ import annotations
 
@@ -332,20 +332,23 @@ def _lora_tensors(dit, seed=0):
     return out
 
 
-def test_lora_merge_in_release_and_kohya_names(tiny_base, tmp_path):
+def test_lora_merge_in_release_kohya_and_peft_names(tiny_base, tmp_path):
     pipe, base = tiny_base
     dit = pipe.runner.transformer.dit
     parts = _lora_tensors(dit)
     alpha, strength = 8.0, 0.7
-    release, kohya = {}, {}
+    release, kohya, peft = {}, {}, {}
     for name, down, up in parts:  # release (diffusers) module names, LightX2V / Lightning style down/up + alpha
         release[f"{name}.lora_down.weight"], release[f"{name}.lora_up.weight"] = down, up
         release[f"{name}.alpha"] = torch.tensor(alpha)
         flat = "lora_unet_" + name.replace(".", "_")
         kohya[f"{flat}.lora_down.weight"], kohya[f"{flat}.lora_up.weight"] = down, up
         kohya[f"{flat}.alpha"] = torch.tensor(alpha)
+        # diffusers / PEFT: the pipeline component's prefix, lora_A / lora_B
+        peft[f"transformer.{name}.lora_A.weight"], peft[f"transformer.{name}.lora_B.weight"] = down, up
+        peft[f"transformer.{name}.alpha"] = torch.tensor(alpha)
     files = {}
-    for kind, sd in (("release", release), ("kohya", kohya)):
+    for kind, sd in (("release", release), ("kohya", kohya), ("peft", peft)):
         files[kind] = str(tmp_path / f"{kind}.safetensors")
         save_file(sd, files[kind])
     merged = {}
@@ -358,7 +361,8 @@ def test_lora_merge_in_release_and_kohya_names(tiny_base, tmp_path):
                                   rtol=0, atol=1e-6), (kind, name)
         untouched = [k for k in ref if not any(k.startswith(n + ".") for n, _, _ in parts)]
         assert all(torch.equal(sd[k], ref[k]) for k in untouched)
-    assert torch.equal(merged["release"][1], merged["kohya"][1])
+    assert torch.equal(merged["release"][1], merged["kohya"][1]) and torch.equal(merged["release"][1],
+                                                                                merged["peft"][1])
     assert _max(merged["release"][1], base) > 10 * PIXEL_TOL  # the LoRA changes the image
     # dynamic: beside the weights, switchable per request and between requests
     dyn = _tiny(lora_configs=[{"path": files["kohya"], "strength": strength}], lora_mode="dynamic")

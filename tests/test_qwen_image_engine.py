@@ -221,6 +221,25 @@ def test_one_line_errors(saved, pictures):
         assert "\n" not in str(e.value), match
 
 
+def test_checkpoint_cross_checks_before_any_weight_is_read(saved, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from lightx2v import loading
+    from lightx2v.errors import CheckpointError
+
+    folder, _ = saved["t2i"]
+    bad = shutil.copytree(folder, tmp_path / "model")
+    cfg_path = bad / "transformer" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "joint_attention_dim": 48}))
+    opened = []
+    monkeypatch.setattr(loading, "safe_open", lambda *a, **k: opened.append(a) or pytest.fail("weights read"))
+    with pytest.raises(CheckpointError, match="text encoder's width 32 does not match the DiT's joint_attention_dim 48"):
+        LightX2VPipeline(model_path=bad, model_cls="qwen_image", task="t2i").create_generator()
+    assert not opened
+
+
 def test_model_class_aliases_carry_lightx2v_settings():
     from lightx2v.engine.family import family_of
 

@@ -363,6 +363,7 @@ def _unsupported(cfg) -> None:
 
 
 def build_encoder(spec: StageSpec) -> Encoder:
+    _unsupported(spec.config)
     dev, dt = _device_dtype(spec.config)
     return Encoder(QwenImageEncoder(spec.model_path, dev, dt, _options(spec.config)),
                    _family_config(spec.config).aspect_ratios)
@@ -393,6 +394,7 @@ def build_transformer(spec: StageSpec) -> Transformer:
 
 
 def build_decoder(spec: StageSpec) -> Decoder:
+    _unsupported(spec.config)
     dev, dt = _device_dtype(spec.config)
     return Decoder(QwenImageDecoder(spec.model_path, dev, dt, _options(spec.config)))
 

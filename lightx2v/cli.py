@@ -24,7 +24,7 @@ def _guidance(text: str):
 OVERRIDES = {  # flag -> type; given flags override the config JSON
     "infer_steps": int, "height": int, "width": int, "num_frames": int, "guidance_scale": _guidance,
     "sample_shift": float, "attn_mode": str, "sample_solver": str, "device": str, "dtype": str, "fps": int,
-    "resize_mode": str, "boundary": float,
+    "resize_mode": str, "boundary": float, "aspect_ratio": str,
 }
 
 
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a video")
     _add_generate_args(gen)
     gen.set_defaults(func=_generate)
-    from lightx2v.engine.family import convert_layouts
+    from lightx2v.engine.family import convert_layouts, families
 
     conv = sub.add_parser("convert", help="convert a checkpoint between its public layouts")
     conv.add_argument("src", help="source checkpoint folder (either layout)")
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--quantize", default=None, choices=["fp8", "int8"],
                       help="store the DiT block linears quantized (for dit_quant_scheme)")
     conv.set_defaults(func=_convert)
+    for family in families().values():  # the families' own sub-commands
+        if family.cli_commands is not None:
+            family.cli_commands(sub)
     return parser
 
 

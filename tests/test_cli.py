@@ -127,11 +127,9 @@ def test_shipped_configs_are_valid():
 
     fams = families()
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.json")):
-        if path.parent.name == "qwen_image":  # not wired into config.py yet; test_qwen_image_tiny checks them
-            continue
         # the family each config is for
-        family = fams["z_image"] if "z_image" in path.name else \
-            fams["hunyuan_video_1.5"] if path.parent.name == "hunyuan_video_15" else fams["wan"]
+        by_folder = {"hunyuan_video_15": "hunyuan_video_1.5", "qwen_image": "qwen_image"}
+        family = fams["z_image"] if "z_image" in path.name else fams[by_folder.get(path.parent.name, "wan")]
         values = load_config_json(path)
         for key, error in (("lora_configs", "LoRA file .* does not exist"),
                            ("dit_original_ckpt", "dit_original_ckpt .* does not exist")):

@@ -20,6 +20,7 @@ BUILTIN_FAMILIES = (
     "lightx2v.models.wan.family",
     "lightx2v.models.z_image.family",
     "lightx2v.models.hunyuan_video_15.family",
+    "lightx2v.models.qwen_image.family",
 )
 
 _FAMILIES: dict[str, "ModelFamily"] = {}
@@ -63,6 +64,11 @@ class ModelFamily:
     recognizes: Callable[[Path], bool] | None = None
     convert: Callable[[Path, Path, str, str | None], Path] | None = None
     layouts: tuple[str, ...] = ()  # the checkpoint layouts ``convert`` writes
+    # (task, image_path, last_frame_path) -> the request's images (RGB PIL images), read and checked; None: the
+    # generic rule (image_path for i2v / flf2v, last_frame_path for flf2v)
+    read_images: Callable[[str, Any, Any], list] | None = None
+    # add(subparsers): the family's own ``lightx2v`` sub-commands (argparse sub-parsers), e.g. ``build-trt``
+    cli_commands: Callable[[Any], None] | None = None
 
     @property
     def tasks(self) -> tuple[str, ...]:

@@ -108,7 +108,7 @@ def dit_rows(cfg: HunyuanVideo15DiTConfig, sizes: dict, task: str, device, dtype
     attn = get_attention_backend(attn_name, dtype=dtype, head_dim=cfg.attention_head_dim, device=device)
     with torch.device("meta"):
         ours = HunyuanVideo15DiT(cfg, attn)
-    assign_strict(ours, ref.state_dict().items(), what="bench")  # the same tensors, no copy
+    assign_strict(ours, ref.state_dict().items(), what="bench", device=device)  # the same tensors, no copy
     ours.eval()
     for label, (frames, base) in sizes.items():
         height, width = closest_bucket(9, 16, base)

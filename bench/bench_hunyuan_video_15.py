@@ -164,7 +164,7 @@ def vae_rows(cfg: HunyuanVideo15VAEConfig, sizes: dict, device, dtype, tile: int
     randomise_(ref, 2).to(dtype).eval().requires_grad_(False)
     with torch.device("meta"):
         ours = HunyuanVideo15VAE(cfg)
-    assign_strict(ours, ref.state_dict().items(), what="bench")
+    assign_strict(ours, ref.state_dict().items(), what="bench", device=device)
     ours.eval()
     ref.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile, tile_latent_min_height=tile // 16,
                       tile_latent_min_width=tile // 16)

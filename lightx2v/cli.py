@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--quantize", default=None, choices=["fp8", "int8"],
                       help="store the DiT block linears quantized (for dit_quant_scheme)")
     conv.set_defaults(func=_convert)
+    from lightx2v.serve.cli import register_serve
+
+    register_serve(sub)  # serve, submit
     return parser
 
 

@@ -256,7 +256,8 @@ class Service:
                 "end_time": _iso(t["completed_at"]), "error": t["error"], "error_type": t["error_code"] or "",
                 "save_result_path": t["info"].get("save_result_path") or t["result"] or "",
                 "created_at": t["created_at"], "started_at": t["started_at"], "completed_at": t["completed_at"],
-                "queue_position": self.queue.position(t["id"]), "seed": t["params"]["seed"], **live,
+                "queue_position": self.queue.position(t["id"]), "seed": t["params"]["seed"],
+                "batch_size": t["batch"], **live,
                 "result_url": f"/v1/tasks/{t['id']}/result" if t["state"] == "completed" else None}
 
     def openai_video(self, t: dict) -> dict:

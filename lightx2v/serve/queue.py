@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     completed_at REAL,
     step         INTEGER NOT NULL DEFAULT 0,
     steps        INTEGER NOT NULL DEFAULT 0,
+    batch        INTEGER NOT NULL DEFAULT 0,         -- how many tasks it ran with (1: alone)
     error        TEXT,
     error_code   TEXT,
     result       TEXT                                -- file name in the results folder
@@ -142,8 +143,8 @@ class TaskQueue:
                 rows += db.execute("SELECT * FROM tasks WHERE state='pending' AND batch_key=? AND seq>? ORDER BY seq "
                                    "LIMIT ?", (first["batch_key"], first["seq"], max_n - 1)).fetchall()
             now = time.time()
-            db.executemany("UPDATE tasks SET state='processing', started_at=? WHERE id=?",
-                           [(now, r["id"]) for r in rows])
+            db.executemany("UPDATE tasks SET state='processing', started_at=?, batch=? WHERE id=?",
+                           [(now, len(rows), r["id"]) for r in rows])
             ids = [r["id"] for r in rows]
             rows = db.execute(f"SELECT * FROM tasks WHERE id IN ({','.join('?' * len(ids))}) ORDER BY seq",
                               ids).fetchall()

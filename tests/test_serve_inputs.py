@@ -77,11 +77,12 @@ def test_uploads_through_the_form_route_and_openai_input_reference(server, http,
     assert tuple(decode_video(http.get(f"/v1/tasks/{st['task_id']}/result").content, tmp_path).shape) == (5, 32, 32, 3)
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    video = client.videos.create(prompt="a cat", size="32x32", seconds="0.25",
-                                 input_reference=("ref.png", png_bytes((50, 50)), "image/png"),
-                                 extra_body={"infer_steps": 1, "seed": 4})
-    st = wait_task(http, video.id)
-    assert st["status"] == "completed" and client.videos.retrieve(video.id).status == "completed"
+    if not hasattr(client, "videos"):
+        pytest.skip("this openai client has no videos API")
+    video = client.videos.create_and_poll(prompt="a cat", size="32x32", seconds="0.25",
+                                          input_reference=("ref.png", png_bytes((50, 50)), "image/png"),
+                                          extra_body={"infer_steps": 1, "seed": 4})
+    assert video.status == "completed" and wait_task(http, video.id)["status"] == "completed"
     r = http.post("/v1/videos", json={"prompt": "a", "size": "32x32", "seconds": 0.25, "infer_steps": 1,
                                       "input_reference": {"image_url": "data:image/png;base64,"
                                                           + base64.b64encode(png_bytes()).decode()}})

@@ -628,7 +628,9 @@ def _routes(app: FastAPI, svc: Service) -> None:  # noqa: C901 - one place for e
 
     @app.get("/v1/videos/{video_id}")
     def get_video(video_id: str):
-        return svc.openai_video(svc.task(video_id))
+        t = svc.task(video_id)
+        active = t["state"] in ("pending", "processing")  # the openai client's poll helpers read this header
+        return JSONResponse(svc.openai_video(t), headers={"openai-poll-after-ms": "200"} if active else {})
 
     @app.get("/v1/videos/{video_id}/content")
     def video_content(video_id: str, variant: str = "video"):

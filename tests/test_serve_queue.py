@@ -230,3 +230,14 @@ def test_service_start_cleans_partials_and_recovers(tmp_path):
     assert isinstance(svc.queue._db, sqlite3.Connection)
     svc.stop()
     assert Path(tmp_path / "data" / "tasks.db").is_file()
+
+
+def test_serve_cli_refuses_a_bad_model_before_listening(tmp_path, capsys):
+    pytest.importorskip("uvicorn")
+    from lightx2v.cli import main
+
+    assert main(["serve", "--model_path", str(tmp_path / "missing"), "--data_dir", str(tmp_path / "d")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["serve", "--max_batch_size", "0", "--data_dir", str(tmp_path / "d")]) == 2
+    assert "max_batch_size" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

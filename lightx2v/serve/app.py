@@ -206,11 +206,8 @@ class Service:
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: the mean task time so far (5 s before any)."""
-        n = self.metrics.value("lightx2v_task_seconds")
-        if not n:
-            return 5
-        mean = self.metrics._hists["lightx2v_task_seconds"][()].sum / n
-        return max(1, int(mean + 0.999))
+        mean = self.metrics.mean("lightx2v_task_seconds")
+        return 5 if mean is None else max(1, int(mean + 0.999))
 
     def task(self, task_id: str) -> dict:
         t = self.queue.get(task_id) if TASK_ID.match(task_id or "") else None

@@ -10,7 +10,8 @@ database when scraped, so they are right after a restart too.
     lightx2v_tasks_submitted_total                accepted submissions (idempotent replays not counted)
     lightx2v_tasks_rejected_total{reason}         queue_full | invalid | ...
     lightx2v_tasks_finished_total{state}          completed | failed | cancelled, since this process started
-    lightx2v_step_seconds                         histogram: one denoising step (of a batch: the batch's step)
+    lightx2v_step_seconds                         histogram: one denoising step after a task's first (a batch's
+                                                  step once)
     lightx2v_stage_seconds{stage}                 histogram: text encode, denoise, VAE decode, save, ...
     lightx2v_task_seconds                         histogram: a task from start to result
     lightx2v_batch_size                           histogram: tasks per DiT batch
@@ -114,6 +115,12 @@ class Metrics:
                 h = self._hists[name].get(key)
                 return h.n if h else 0
             return self._counters.get(name, {}).get(key, self._gauges.get(name, {}).get(key, 0.0))
+
+    def mean(self, name: str, **labels) -> float | None:
+        """A histogram's mean (None before its first observation)."""
+        with self._lock:
+            h = self._hists.get(name, {}).get(tuple(sorted(labels.items())))
+            return h.sum / h.n if h and h.n else None
 
     def render(self, gauges: dict[str, dict[tuple, float]] | None = None) -> str:
         """The exposition text; ``gauges``: values read at scrape time (name -> {labels: value})."""

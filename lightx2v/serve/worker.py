@@ -46,6 +46,7 @@ class Running:
     last_step_at: float = field(default_factory=time.perf_counter)
     cancel_requested_step: int | None = None
     batch: int = 1
+    times_steps: bool = True  # records the step metric (one task of a batch does)
 
     def snapshot(self) -> dict:
         return {"stage": self.stage, "step": self.step, "steps": self.steps, "batch": self.batch}
@@ -168,8 +169,8 @@ class Worker:
         pipe = self.pipe
         self.busy_since = time.time()
         jobs = []  # (row, running, request, ctx, tmp path)
-        for row in rows:
-            r = Running(row["id"], batch=len(rows))
+        for k, row in enumerate(rows):
+            r = Running(row["id"], batch=len(rows), times_steps=k == 0)
             with self._lock:
                 self._running[row["id"]] = r
                 early = self._cancel_early.pop(row["id"], None)
@@ -229,7 +230,7 @@ class Worker:
     def _progress_cb(self, r: Running):
         def progress(stage: str, done: int, total: int) -> None:
             now = time.perf_counter()
-            if stage == "denoise":
+            if stage == "denoise" and done > 1 and r.times_steps:  # the first step's time would include encoding
                 self.metrics.observe("lightx2v_step_seconds", now - r.last_step_at)
             r.last_step_at = now
             r.stage, r.step, r.steps = stage, done, total

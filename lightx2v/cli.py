@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     for family in families().values():  # the families' own sub-commands
         if family.cli_commands is not None:
             family.cli_commands(sub)
+    from lightx2v.serve.cli import register_serve
+
+    register_serve(sub)  # serve, submit
     return parser
 
 

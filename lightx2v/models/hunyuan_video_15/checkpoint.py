@@ -292,11 +292,11 @@ def load_dit(model_path, layout: str, *, attn, device="cpu", dtype=torch.float32
     tensors = _file_tensors(files)
     quantized: set[str] = set()
     if quant_scheme is not None:
-        from lightx2v.ops.quant import apply_quantization, quantizable_linears
+        from lightx2v.ops.quant import apply_quantization, quantizable_linears, quantize_stream
 
         quantized = set(quantizable_linears(model))
         apply_quantization(model, quant_scheme)
-        tensors = _quantize_stream(tensors, quantized, quant_scheme, device, what)
+        tensors = quantize_stream(tensors, quantized, quant_scheme, device, what)
 
     def dtype_for(name: str):
         module, _, leaf = name.rpartition(".")
@@ -304,27 +304,6 @@ def load_dit(model_path, layout: str, *, attn, device="cpu", dtype=torch.float32
 
     assign_strict(model, tensors, what=what, dtype_for=dtype_for, device=device)
     return model.eval().requires_grad_(False)
-
-
-def _quantize_stream(tensors, quantized: set[str], scheme: str, device, what: str
-                     ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Float weights of the ``quantized`` Linear layers -> (int8 / fp8 weight, float32 ``weight_scale``); weights
-    already stored in the scheme's format pass through (with their ``weight_scale``), the rest as they come. (The
-    rule of Wan's loader; a generic helper for ``lightx2v.loading``.)"""
-    from lightx2v.ops.quant import _STORAGE, quantize_weight
-
-    for name, t in tensors:
-        module, _, leaf = name.rpartition(".")
-        if module in quantized and leaf == "weight":
-            if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
-                q, scale = quantize_weight(t.to(device), scheme)
-                yield name, q
-                yield f"{module}.weight_scale", scale
-                continue
-            if t.dtype != _STORAGE[scheme]:
-                raise CheckpointError(f"{what}: {name} is stored as {t.dtype}, which does not fit "
-                                      f"dit_quant_scheme {scheme!r} ({_STORAGE[scheme]})")
-        yield name, t
 
 
 def save_dit(model, folder, layout: str = "diffusers") -> None:

@@ -100,7 +100,7 @@ def load_dit(model_path: str | Path, *, attn, device="cpu", dtype: torch.dtype =
         tensors, what = dit_tensors(model_path), f"DiT checkpoint in {model_root(model_path) / TRANSFORMER_DIR}"
     quantized: set[str] = set()
     if quant_scheme is not None:
-        from lightx2v.ops.quant import apply_quantization, quantizable_linears
+        from lightx2v.ops.quant import apply_quantization, quantizable_linears, quantize_stream
 
         quantized = set(quantizable_linears(model))
         apply_quantization(model, quant_scheme)
@@ -141,24 +141,3 @@ def _own_cpu_tensors(model: torch.nn.Module) -> None:
                             t.data = t.data.clone()
                         else:
                             store[key] = t.clone()
-
-
-def quantize_stream(tensors: Iterator[tuple[str, torch.Tensor]], quantized: set[str], scheme: str, device, what: str
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Pass (name, tensor) pairs through, quantizing the float ``weight`` of each module in ``quantized`` (one at a
-    time, on ``device``) and adding its ``weight_scale``; pre-quantized weights must already be in ``scheme``'s
-    storage dtype."""
-    from lightx2v.ops.quant import _STORAGE, quantize_weight
-
-    for name, t in tensors:
-        module, _, leaf = name.rpartition(".")
-        if module in quantized and leaf == "weight":
-            if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
-                q, scale = quantize_weight(t.to(device), scheme)
-                yield name, q
-                yield f"{module}.weight_scale", scale
-                continue
-            if t.dtype != _STORAGE[scheme]:
-                raise CheckpointError(f"{what}: {name} is stored as {t.dtype}, which does not fit dit_quant_scheme "
-                                      f"{scheme!r} ({_STORAGE[scheme]})")
-        yield name, t

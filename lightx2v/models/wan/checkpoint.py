@@ -297,11 +297,11 @@ def load_dit(model_dir: Path, layout: str, *, attn, device="cpu", dtype=torch.fl
         what = f"DiT checkpoint in {dit_folder(model_dir, layout, expert)}"
     quantized: set[str] = set()
     if quant_scheme is not None:
-        from lightx2v.ops.quant import apply_quantization, quantizable_linears
+        from lightx2v.ops.quant import apply_quantization, quantizable_linears, quantize_stream
 
         quantized = set(quantizable_linears(model))
         apply_quantization(model, quant_scheme)
-        tensors = _quantize_stream(tensors, quantized, quant_scheme, device, what)
+        tensors = quantize_stream(tensors, quantized, quant_scheme, device, what)
 
     def dtype_for(name: str):
         module, _, leaf = name.rpartition(".")
@@ -317,24 +317,6 @@ def load_dit(model_dir: Path, layout: str, *, attn, device="cpu", dtype=torch.fl
                                   "fp8 or int8") from None
         raise
     return model.eval().requires_grad_(False)
-
-
-def _quantize_stream(tensors, quantized: set[str], scheme: str, device, what: str):
-    """Quantize float weights of the quantized modules on the fly; pass pre-quantized ones through."""
-    from lightx2v.ops.quant import _STORAGE, quantize_weight
-
-    for name, t in tensors:
-        module, _, leaf = name.rpartition(".")
-        if module in quantized and leaf == "weight":
-            if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
-                q, scale = quantize_weight(t.to(device), scheme)
-                yield name, q
-                yield f"{module}.weight_scale", scale
-                continue
-            if t.dtype != _STORAGE[scheme]:
-                raise CheckpointError(f"{what}: {name} is stored as {t.dtype}, which does not fit "
-                                      f"dit_quant_scheme {scheme!r} ({_STORAGE[scheme]})")
-        yield name, t
 
 
 def save_dit(state_dict: dict[str, torch.Tensor], cfg: WanDiTConfig, out_dir: Path, layout: str,

@@ -159,6 +159,27 @@ def _quantized_input(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.
     return result
 
 
+def quantize_stream(tensors, quantized: set[str], scheme: str, device, what: str):
+    """Pass (name, tensor) pairs of a checkpoint through, quantizing the float ``weight`` of each module in
+    ``quantized`` (one at a time, on ``device``) and adding its ``weight_scale``; weights already stored in
+    ``scheme``'s format pass through (with their ``weight_scale``), anything else as it comes. Every family's loader
+    streams its DiT through this when ``dit_quant_scheme`` is set."""
+    from lightx2v.errors import CheckpointError
+
+    for name, t in tensors:
+        module, _, leaf = name.rpartition(".")
+        if module in quantized and leaf == "weight":
+            if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+                q, scale = quantize_weight(t.to(device), scheme)
+                yield name, q
+                yield f"{module}.weight_scale", scale
+                continue
+            if t.dtype != _STORAGE[scheme]:
+                raise CheckpointError(f"{what}: {name} is stored as {t.dtype}, which does not fit "
+                                      f"dit_quant_scheme {scheme!r} ({_STORAGE[scheme]})")
+        yield name, t
+
+
 def quantizable_linears(model: nn.Module) -> list[str]:
     """Names of the Linear layers that quantization replaces: those under the model's hook plan's
     ``quantize_prefixes`` (the transformer blocks: attention projections and FFN). Embeddings, norms, the

@@ -343,3 +343,32 @@ class LazyTensors:
 def cache_root() -> Path:
     """Where built-in tiny models are written on first use: ``$LIGHTX2V_CACHE_DIR`` or ``~/.cache/lightx2v``."""
     return Path(os.environ.get("LIGHTX2V_CACHE_DIR") or Path.home() / ".cache" / "lightx2v")
+
+
+def ensure_model_folder(name: str, write: Callable[[Path], object], defaults: Mapping | None = None,
+                        root: Path | None = None) -> Path:
+    """The folder ``name`` under ``root`` (default :func:`cache_root`), written by ``write(folder)`` first if it is
+    not complete yet: written aside and renamed, so that a half-written folder is never used (a copy another process
+    wrote meanwhile is kept). ``defaults`` (config keys, e.g. a tiny model's sizes) go into its
+    ``lightx2v_defaults.json``, which the pipeline reads as the folder's own defaults."""
+    import shutil
+    import tempfile
+
+    folder = Path(root or cache_root()) / name
+    if (folder / "COMPLETE").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    try:
+        write(tmp)
+        if defaults is not None:
+            (tmp / "lightx2v_defaults.json").write_text(json.dumps(dict(defaults), indent=2) + "\n")
+        (tmp / "COMPLETE").write_text("ok\n")
+        try:
+            tmp.rename(folder)
+        except OSError:  # written meanwhile by another process
+            if not (folder / "COMPLETE").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

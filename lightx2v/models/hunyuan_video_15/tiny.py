@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -219,24 +218,8 @@ def write_tiny_model(folder, task: str = "t2v", layout: str = "diffusers", seed:
 
 def ensure_tiny_model(task: str = "t2v", root: Path | None = None) -> Path:
     """The tiny model of ``task`` in diffusers' layout under ``root`` (default: lightx2v's cache folder), written
-    first if it is not there (atomically: written aside, then renamed; a copy written meanwhile by another process is
-    kept), with its request defaults in ``lightx2v_defaults.json``."""
-    from lightx2v.loading import cache_root
+    first if it is not there, with its request defaults in ``lightx2v_defaults.json``."""
+    from lightx2v.loading import ensure_model_folder
 
-    folder = Path(root or cache_root()) / f"tiny-hunyuan_video_1.5-{task}-v{TINY_VERSION}"
-    if (folder / "COMPLETE").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-hunyuan_video_1.5-", dir=folder.parent))
-    try:
-        write_tiny_model(tmp, task, "diffusers")
-        (tmp / "lightx2v_defaults.json").write_text(json.dumps(TINY_DEFAULTS, indent=2) + "\n")
-        (tmp / "COMPLETE").write_text("ok\n")
-        try:
-            tmp.rename(folder)
-        except OSError:
-            if not (folder / "COMPLETE").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return ensure_model_folder(f"tiny-hunyuan_video_1.5-{task}-v{TINY_VERSION}",
+                               lambda d: write_tiny_model(d, task, "diffusers"), TINY_DEFAULTS, root)

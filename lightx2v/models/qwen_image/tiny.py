@@ -14,8 +14,6 @@ tokens (``<|im_start|>``, ``<|image_pad|>``, ...).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -130,27 +128,12 @@ def engine_defaults(variant: str = "t2i") -> dict:
 
 
 def ensure_tiny_model(variant: str = "t2i", root: Path | None = None) -> Path:
-    """The folder of the tiny model of ``variant`` (t2i, edit, edit_plus), written first if needed (atomically:
-    written aside, then renamed), with its :func:`engine_defaults` in ``lightx2v_defaults.json``."""
-    from lightx2v.loading import cache_root
+    """The folder of the tiny model of ``variant`` (t2i, edit, edit_plus), written first if needed, with its
+    :func:`engine_defaults` in ``lightx2v_defaults.json``."""
+    from lightx2v.loading import ensure_model_folder
 
-    folder = Path(root or cache_root()) / f"tiny-qwen-image-{variant}-v{TINY_VERSION}"
-    if (folder / "COMPLETE").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
-    try:
-        write_tiny_model(tmp, variant)
-        (tmp / DEFAULTS_FILE).write_text(json.dumps(engine_defaults(variant), indent=2) + "\n")
-        (tmp / "COMPLETE").write_text("ok\n")
-        try:
-            tmp.rename(folder)
-        except OSError:  # written meanwhile by another process
-            if not (folder / "COMPLETE").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return ensure_model_folder(f"tiny-qwen-image-{variant}-v{TINY_VERSION}", lambda d: write_tiny_model(d, variant),
+                               engine_defaults(variant), root)
 
 
 def write_tiny_model(folder: str | Path, variant: str = "t2i", seed: int = 20260301) -> Path:

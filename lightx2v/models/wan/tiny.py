@@ -6,16 +6,14 @@ the real loaders. Its output is noise: it exists to check an installation, and t
 
 from __future__ import annotations
 
-import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from dataclasses import replace
 
 import torch
 
-from lightx2v.loading import cache_root
+from lightx2v.loading import ensure_model_folder
 from lightx2v.models.wan.arch import PRESETS
 from lightx2v.models.wan.checkpoint import WAN22_VAE_FILE, WAN_T5_FILE, WAN_VAE_FILE, save_dit
 
@@ -52,26 +50,11 @@ def tiny_vae22_config():
 
 def ensure_tiny_model(task: str = "t2v", model_cls: str = "wan2.1", root: Path | None = None) -> Path:
     """Return the folder of the tiny model for ``task`` (t2v, i2v, flf2v) and ``model_cls``, writing it first if
-    needed (Wan2.1; Wan2.2 A14B: two experts, Wan2.2 I2V without CLIP; Wan2.2 TI2V-5B: the 48-channel VAE)."""
+    needed (Wan2.1; Wan2.2 A14B: two experts, Wan2.2 I2V without CLIP; Wan2.2 TI2V-5B: the 48-channel VAE), with the
+    sizes it runs in seconds as its own defaults (also when the folder is passed as model_path)."""
     family = _family(model_cls)
-    folder = (root or cache_root()) / f"tiny-{family}-{task}-v{TINY_VERSION}"
-    if (folder / "COMPLETE").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
-    try:
-        write_tiny_model(tmp, task, family)
-        # the sizes it runs in seconds, also when the folder is passed as model_path
-        (tmp / "lightx2v_defaults.json").write_text(json.dumps(tiny_defaults(task, family), indent=2) + "\n")
-        (tmp / "COMPLETE").write_text("ok\n")
-        try:
-            tmp.rename(folder)
-        except OSError:  # written meanwhile by another process
-            if not (folder / "COMPLETE").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return ensure_model_folder(f"tiny-{family}-{task}-v{TINY_VERSION}", lambda d: write_tiny_model(d, task, family),
+                               tiny_defaults(task, family), root)
 
 
 def _randomise(module: torch.nn.Module, g: torch.Generator) -> None:

@@ -13,8 +13,6 @@ tokenizes), 9 steps.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -103,24 +101,8 @@ def write_tiny_model(folder) -> Path:
 
 
 def ensure_tiny_model(root: Path | None = None) -> Path:
-    """The tiny model's folder under ``root`` (default: lightx2v's cache folder), written first if it is not there
-    (atomically: written aside, then renamed; a copy written meanwhile by another process is kept)."""
-    from lightx2v.loading import cache_root
+    """The tiny model's folder under ``root`` (default: lightx2v's cache folder), written first if it is not there,
+    with its request defaults in ``lightx2v_defaults.json``."""
+    from lightx2v.loading import ensure_model_folder
 
-    folder = Path(root or cache_root()) / f"tiny-z_image-t2i-v{TINY_VERSION}"
-    if (folder / "COMPLETE").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-z_image-", dir=folder.parent))
-    try:
-        write_tiny_model(tmp)
-        (tmp / "lightx2v_defaults.json").write_text(json.dumps(TINY_DEFAULTS, indent=2) + "\n")
-        (tmp / "COMPLETE").write_text("ok\n")
-        try:
-            tmp.rename(folder)
-        except OSError:
-            if not (folder / "COMPLETE").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return ensure_model_folder(f"tiny-z_image-t2i-v{TINY_VERSION}", write_tiny_model, TINY_DEFAULTS, root)

@@ -62,6 +62,9 @@ class ModelFamily:
     recognizes: Callable[[Path], bool] | None = None
     convert: Callable[[Path, Path, str, str | None], Path] | None = None
     layouts: tuple[str, ...] = ()  # the checkpoint layouts ``convert`` writes
+    # model_cls -> {config key: why}: keys LightX2V's runner of that class does not read (e.g. a step list for a
+    # model class that samples without one); a config that carries them is accepted, the key dropped with a note
+    ignored_keys: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     @property
     def tasks(self) -> tuple[str, ...]:

@@ -1,6 +1,8 @@
 """Wan2.2: the A14B two-expert models (T2V, I2V without CLIP) and the TI2V-5B DiT's per-frame timesteps,
 against diffusers (tiny random-weight models, CPU, float32)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -49,8 +51,8 @@ def ours(model_dir, task="t2v", guidance=(4.0, 3.0), seed=7, image=None, model_c
     kw = {"sample_shift": FLOW_SHIFT, "height": H, "width": W, "num_frames": F, "infer_steps": STEPS,
           "guidance_scale": list(guidance), **kw}
     pipe.create_generator(device="cpu", **kw)
-    _, frames = pipe.generate(seed=seed, prompt=PROMPT, negative_prompt=NEG, image_path=image,
-                              return_result_tensor=True, progress=False)
+    frames = pipe.generate(seed=seed, prompt=PROMPT, negative_prompt=NEG, image_path=image,
+                              return_result_tensor=True, progress=False)["video"]
     return frames, pipe
 
 
@@ -112,7 +114,7 @@ def test_a14b_offload_and_default_boundary(moe_t2v):
     for me, other in ((experts[0], experts[1]), (experts[1], experts[0])):
         me.dit.register_forward_pre_hook(lambda m, a, me=me, other=other: seen.append(
             (me.index, len(me.offload.resident_blocks()) > 0, other.offload.resident_blocks())))
-    _, frames = pipe.generate(seed=7, prompt=PROMPT, negative_prompt=NEG, return_result_tensor=True, progress=False)
+    frames = pipe.generate(seed=7, prompt=PROMPT, negative_prompt=NEG, return_result_tensor=True, progress=False)["video"]
     assert torch.equal(frames, plain)
     assert {i for i, _, _ in seen} == {0, 1} and all(mine and not other for _, mine, other in seen)
     assert [i for i, _, _ in seen] == sorted(i for i, _, _ in seen)  # high first, then low: one switch
@@ -276,9 +278,10 @@ def test_tiny_ti2v_builtin(task, tmp_path):
     pipe = LightX2VPipeline(model_cls="wan2.2", task=task)
     pipe.create_generator(device="cpu", height=64, width=96, num_frames=5, infer_steps=3)
     image = picture(96, 64, 2) if task == "i2v" else None
-    path, frames = pipe.generate(seed=3, prompt="a cat", image_path=image, save_result_path=tmp_path / "o.mp4",
-                                 return_result_tensor=True, progress=False)
-    assert frames.shape == (5, 64, 96, 3) and path.is_file()
+    result = pipe.generate(seed=3, prompt="a cat", image_path=image, save_result_path=tmp_path / "o.mp4",
+                           return_result_tensor=True, progress=False)
+    frames = result["video"]
+    assert frames.shape == (5, 64, 96, 3) and Path(result.path).is_file()
     assert pipe.runner.encoder.vae_spatial == 16 and pipe.config.sampling.fps == 24
     with pytest.raises(UserError, match="divisible by 32"):
         LightX2VPipeline(model_cls="wan2.2", task=task).create_generator(device="cpu", height=48, width=96)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from lightx2v.errors import UserError
 
-NOT_IMPLEMENTED_PATTERN = r"LightX2V (key|value) `[^`]+` \(feature: [^)]+\) is not implemented in lightx2v"
+NOT_IMPLEMENTED_PATTERN = r"LightX2V (key|value) `[^`]+` \(feature: .+\) is not implemented in lightx2v"
 
 
 def not_implemented(key: str, feature: str, value=None) -> UserError:
@@ -123,6 +123,32 @@ FEATURES: dict[str, str] = {
     "model_cls": "the model class in the config (pass model_cls to LightX2VPipeline or --model_cls)",
     "use_prompt_enhancer": "prompt enhancer",
     "mm_config": "per-layer quantization config (mm_config)",
+}
+
+# LightX2V's model classes (its RUNNER_REGISTER names, and wan2.1_causvid of its scripts) -> the model; the pipeline
+# refuses those no registered family implements with not_implemented("model_cls", ...).
+MODEL_CLASSES: dict[str, str] = {
+    "wan2.1_mean_flow_distill": "Wan2.1 MeanFlow step distillation", "wan2.1_sf": "self-forcing Wan2.1",
+    "wan2.1_sf_mtxg2": "Matrix-Game 2", "wan2.1_vace": "Wan2.1 VACE", "wan2.1_causvid": "CausVid",
+    "wan2.2_animate": "Wan2.2-Animate", "wan22_animate2_distilled": "Wan2.2-Animate 2", "wan2.2_audio": "Wan2.2 audio",
+    "wan2.2_matrix_game3": "Matrix-Game 3", "wan2.2_moe_vace": "Wan2.2 VACE", "wan2.2_s2v": "Wan2.2-S2V",
+    "wan_dancer": "Wan-Dancer", "seko_talk": "SekoTalk", "seko_talk_ar": "SekoTalk (autoregressive)",
+    "infinitetalk": "InfiniteTalk", "lingbot_va": "LingBot-VA", "lingbot_video": "LingBot video",
+    "lingbot_world": "LingBot-World", "lingbot_world_fast": "LingBot-World (fast)", "dreamzero": "DreamZero",
+    "fastwam": "FastWAM", "motus": "Motus", "bagel": "BAGEL", "cosmos3": "Cosmos 3", "ernie_image": "ERNIE-Image",
+    "ernie_image_turbo": "ERNIE-Image Turbo", "flux2_dev": "FLUX.2 dev", "flux2_klein": "FLUX.2 klein",
+    "hidream_o1_image": "HiDream-O1", "hunyuan3d": "Hunyuan3D", "hunyuan_image3": "HunyuanImage 3",
+    "hunyuan_video_1.5": "HunyuanVideo-1.5", "hunyuan_video_1.5_distill": "HunyuanVideo-1.5 (distilled)",
+    "longcat_image": "LongCat-Image", "ltx2": "LTX-2", "ltx2_5": "LTX-2.5", "ltx2_ar": "LTX-2 (autoregressive)",
+    "minimax_h3": "MiniMax-H3", "neopp": "NeoPP", "qwen_image": "Qwen-Image", "seedvr2": "SeedVR2",
+    "sensenova_vision": "SenseNova vision", "swiftvr": "SwiftVR", "worldmirror": "WorldMirror",
+    "worldplay_ar": "WorldPlay (autoregressive)", "worldplay_bi": "WorldPlay", "worldplay_distill": "WorldPlay (distilled)",
+}
+# LightX2V's tasks beyond the ones our families do -> what they are.
+TASKS: dict[str, str] = {
+    "animate": "Wan2.2-Animate character animation", "vace": "VACE video editing", "s2v": "speech-to-video",
+    "i2i": "image editing", "sr": "video super-resolution", "t2av": "text-to-audio-video",
+    "i2av": "image-to-audio-video", "rs2v": "reference speech-to-video",
 }
 
 # Values of implemented keys that name a feature we lack: key -> {value: feature}.

@@ -36,7 +36,7 @@ ALIASES = {
 
 # Keys of features that other work adds: accepted while they ask for nothing (value off/empty), else refused with
 # compat's "not implemented" message naming the feature.
-NOT_YET = {"parallel": "multi-GPU parallel inference (cfg / sequence / tensor parallelism)"}
+NOT_YET = {"parallel": "multi-GPU parallel inference: cfg, sequence or tensor parallelism"}
 IGNORED = ("_comment",)
 
 
@@ -324,10 +324,14 @@ def build_config(defaults: dict[str, Any], json_values: dict[str, Any], override
     if ("height" in given or "width" in given) and "aspect_ratio" not in given:
         merged.pop("aspect_ratio", None)  # an explicit size replaces a default aspect ratio
     if merged.get("denoising_step_list") is not None:
-        # A step-distilled schedule fixes the step count and the sampler.
-        if "infer_steps" not in given and isinstance(merged["denoising_step_list"], (list, tuple)) \
-                and merged["denoising_step_list"]:
-            merged["infer_steps"] = len(merged["denoising_step_list"])
+        # A step-distilled schedule fixes the step count (LightX2V's step-distill schedulers take len(list) and read
+        # no infer_steps) and the sampler.
+        steps = merged["denoising_step_list"]
+        if isinstance(steps, (list, tuple)) and steps:
+            if "infer_steps" in given and given["infer_steps"] != len(steps):
+                notes.append(f"infer_steps={given['infer_steps']} ignored: denoising_step_list has {len(steps)} steps "
+                             "(as in LightX2V's step-distill schedulers)")
+            merged["infer_steps"] = len(steps)
         if "solver" in given:
             raise UserError(f"sample_solver={given['solver']!r} cannot be combined with denoising_step_list "
                             "(step-distilled models use their own sampler)")
@@ -383,6 +387,6 @@ def build_config(defaults: dict[str, Any], json_values: dict[str, Any], override
         raise UserError("lazy_load reads block weights straight from disk: it cannot be combined with LoRAs "
                         "(merge them into a checkpoint with `lightx2v convert` first)")
     if cfg.sampling.changing_resolution and cache.method != "NoCaching":
-        raise UserError("feature_caching cannot be combined with changing_resolution (cached residuals have the "
-                        "shape of one resolution)")
+        raise compat.not_implemented("feature_caching", "feature caching across the resolution changes of "
+                                     "changing_resolution", cache.method)
     return cfg

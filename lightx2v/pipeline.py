@@ -97,7 +97,13 @@ class LightX2VPipeline:
         ``sf_model_path`` (self-forcing) is not implemented."""
         _ensure_log_handler()
         model_cls = model_cls or default_model_cls()
+        from lightx2v.engine.family import model_classes
+
+        if model_cls not in model_classes() and model_cls in compat.MODEL_CLASSES:
+            raise compat.not_implemented("model_cls", compat.MODEL_CLASSES[model_cls], value=model_cls)
         family = family_of(model_cls)
+        if task not in all_tasks() and task in compat.TASKS:
+            raise compat.not_implemented("task", compat.TASKS[task], value=task)
         if task not in all_tasks():
             raise UserError(f"unknown task {task!r}; supported: {', '.join(all_tasks())}")
         if task not in family.model_classes[model_cls]:
@@ -205,11 +211,10 @@ class LightX2VPipeline:
         self._set("enable_parallel()", parallel={"cfg_p_size": cfg_p_size, "seq_p_size": seq_p_size,
                                                  "seq_p_attn_type": seq_p_attn_type})
 
-    def create_generator(self, config_json: str | Path | None = None, **overrides: Any) -> "LightX2VPipeline":
-        """Build the generator: defaults < the model folder's own defaults < ``config_json`` < keyword overrides.
-        Loads the model weights. A second call keeps what earlier calls set and changes only the keys it names
-        (as LightX2V's pipeline does: e.g. ``create_generator(config_json=...)`` then
-        ``create_generator(infer_steps=9)``)."""
+    def _prepare(self, config_json, overrides: dict[str, Any]):
+        """What create_generator does before any weight is read: the config (defaults < the model folder's <
+        config_json < arguments, on top of what earlier calls set), its notes logged, the result's size checked.
+        Returns (StageSpec, json values, override values); the pipeline is not changed."""
         from lightx2v.engine.family import StageSpec
 
         _ensure_log_handler()
@@ -228,22 +233,40 @@ class LightX2VPipeline:
             for key in new:  # the later call wins
                 override_values.pop(key, None)
         override_values.update({k: v for k, v in overrides.items() if v is not None})
-        self.config = build_config(defaults, json_values, override_values, family=family, model_cls=self.model_cls)
-        self._json_values, self._overrides = json_values, override_values
-        for note in self.config.notes:
+        config = build_config(defaults, json_values, override_values, family=family, model_cls=self.model_cls)
+        for note in config.notes:
             log.info("%s", note)
-        check_output_size(self.config.sampling, family.output)
+        check_output_size(config.sampling, family.output)
         if model_path is None:
             if family.tiny_model is None:
                 raise UserError(f"model_cls {self.model_cls!r} has no built-in tiny model: pass model_path")
             model_path = family.tiny_model(self.task, self.model_cls)
+        return StageSpec(Path(model_path), self.model_cls, self.task, config), json_values, override_values
+
+    def check_generator(self, config_json: str | Path | None = None, **overrides: Any) -> GeneratorConfig:
+        """What :meth:`create_generator` would build, checked without loading any weight: the config, and the
+        family's checks against the checkpoint's files and headers (sizes, latent channels, expert settings).
+        Returns the config; the pipeline is left as it was."""
+        spec, _, _ = self._prepare(config_json, overrides)
+        if self.family.check is not None:
+            self.family.check(spec)
+        return spec.config
+
+    def create_generator(self, config_json: str | Path | None = None, **overrides: Any) -> "LightX2VPipeline":
+        """Build the generator: defaults < the model folder's own defaults < ``config_json`` < keyword overrides.
+        Loads the model weights. A second call keeps what earlier calls set and changes only the keys it names
+        (as LightX2V's pipeline does: e.g. ``create_generator(config_json=...)`` then
+        ``create_generator(infer_steps=9)``)."""
+        spec, json_values, override_values = self._prepare(config_json, overrides)
+        self.config = spec.config
+        self._json_values, self._overrides = json_values, override_values
         t0 = time.perf_counter()
-        encoder, transformer, decoder = family.build(StageSpec(model_path, self.model_cls, self.task, self.config))
-        self.runner = Generator(family, self.model_cls, self.task, self.config, encoder, transformer, decoder,
-                                info={"model_path": str(model_path)})
+        encoder, transformer, decoder = self.family.build(spec)
+        self.runner = Generator(self.family, self.model_cls, self.task, self.config, encoder, transformer, decoder,
+                                info={"model_path": str(spec.model_path)})
         for stage in self.runner.stages:  # the defaults must make a valid request for this model
             stage.check_sampling(self.config.sampling)
-        log.info("loaded %s on %s in %.1f s", model_path, self.runner.device, time.perf_counter() - t0)
+        log.info("loaded %s on %s in %.1f s", spec.model_path, self.runner.device, time.perf_counter() - t0)
         return self
 
     def switch_lora(self, lora_path: str | list[dict], strength: float = 1.0) -> None:

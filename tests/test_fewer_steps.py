@@ -84,10 +84,16 @@ def test_bad_step_lists(bad):
         build_config({}, {"denoising_step_list": bad}, {})
 
 
-def test_step_count_must_agree():
-    with pytest.raises(UserError, match="infer_steps=10 does not match"):
-        build_config({}, {"denoising_step_list": [1000, 500]}, {"infer_steps": 10})
+def test_the_step_list_fixes_the_step_count():
+    """As LightX2V's step-distill schedulers (infer_steps = len(denoising_step_list)): a config's other
+    infer_steps is ignored, with a note; a request that asks for both at odds is refused."""
+    cfg = build_config({}, {"denoising_step_list": [1000, 500]}, {"infer_steps": 10})
+    assert cfg.sampling.infer_steps == 2 and any("infer_steps=10 ignored" in n for n in cfg.notes)
     assert build_config({}, {"denoising_step_list": [1000, 500]}, {}).sampling.infer_steps == 2
+    from dataclasses import replace
+
+    with pytest.raises(UserError, match="infer_steps=10 does not match"):
+        replace(cfg.sampling, infer_steps=10)
     with pytest.raises(UserError, match="sample_solver"):
         build_config({}, {"denoising_step_list": [1000, 500], "sample_solver": "euler"}, {})
 

@@ -47,6 +47,9 @@ class ModelFamily:
     # the three stages of one process, with the checks across them (e.g. the text width fits the DiT); default:
     # each builder in turn
     build_all: Callable[[StageSpec], tuple[Any, Any, Any]] | None = None
+    # the checks build_all makes before any weight is read (the checkpoint's files and headers against the
+    # config), on their own: LightX2VPipeline.check_generator
+    check: Callable[[StageSpec], None] | None = None
     # a frozen dataclass of the config keys only this family understands (built from those keys), or None
     config_section: type | None = None
     # LightX2V keys whose value is fixed for this family: accepted only with that value

@@ -42,9 +42,11 @@ _TI2V_5B = {"height": 704, "width": 1280, "num_frames": 121, "fps": 24, "guidanc
 MODEL_CLASS_DEFAULTS = {
     "wan2.1": {"t2v": {}, "i2v": {}, "flf2v": {}},
     "wan2.1_distill": {"t2v": _DISTILL, "i2v": _DISTILL, "flf2v": _DISTILL},
-    "wan2.2_moe": {"t2v": _MOE_T2V, "i2v": _MOE_I2V},
+    # A14B FLF2V: the I2V experts with a last frame too (LightX2V's wan_moe_flf2v / wan_distill_moe_flf2v)
+    "wan2.2_moe": {"t2v": _MOE_T2V, "i2v": _MOE_I2V, "flf2v": _MOE_I2V},
     "wan2.2_moe_distill": {"t2v": {**_DISTILL, "boundary_step_index": 2},
-                           "i2v": {**_DISTILL, "boundary_step_index": 2}},
+                           "i2v": {**_DISTILL, "boundary_step_index": 2},
+                           "flf2v": {**_DISTILL, "boundary_step_index": 2}},
     "wan2.2": {"t2v": _TI2V_5B, "i2v": _TI2V_5B},
 }
 
@@ -129,7 +131,11 @@ FIXED_ARCH = {"window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True,
 # and boundary; the step-distill runners with denoising_step_list and boundary_step_index).
 _NOT_DISTILL = "model_cls {cls!r} samples with infer_steps (LightX2V's WanScheduler reads no step list)"
 IGNORED_KEYS = {
-    "wan2.2_moe": {"denoising_step_list": _NOT_DISTILL.format(cls="wan2.2_moe"),
+    "wan2.1": {"denoising_step_list": _NOT_DISTILL.format(cls="wan2.1") + "; use model_cls 'wan2.1_distill' for the "
+                                                                          "step-distilled sampler"},
+    "wan2.2": {"denoising_step_list": _NOT_DISTILL.format(cls="wan2.2")},
+    "wan2.2_moe": {"denoising_step_list": _NOT_DISTILL.format(cls="wan2.2_moe") + "; use model_cls "
+                                                                                  "'wan2.2_moe_distill' for it",
                    "boundary_step_index": "model_cls 'wan2.2_moe' switches experts at boundary (LightX2V's "
                                           "Wan22MoeRunner reads no boundary_step_index)"},
     "wan2.2_moe_distill": {"boundary": "model_cls 'wan2.2_moe_distill' switches experts after boundary_step_index "
@@ -547,6 +553,7 @@ FAMILY = WAN = register_family(ModelFamily(
     build_transformer=build_transformer,
     build_decoder=build_decoder,
     build_all=build_all,
+    check=check_checkpoint,
     config_section=WanConfig,
     fixed_keys=FIXED_KEYS,
     lora_names=tuple(EXPERT_FOLDERS["wan"].values()),

@@ -54,6 +54,8 @@ def ensure_tiny_model(task: str = "t2v", model_cls: str = "wan2.1", root: Path |
     """Return the folder of the tiny model for ``task`` (t2v, i2v, flf2v) and ``model_cls``, writing it first if
     needed (Wan2.1; Wan2.2 A14B: two experts, Wan2.2 I2V without CLIP; Wan2.2 TI2V-5B: the 48-channel VAE)."""
     family = _family(model_cls)
+    if family == "wan2.2_moe" and task == "flf2v":
+        task = "i2v"  # Wan2.2 A14B: the I2V experts also take a last frame (LightX2V's wan_moe_flf2v)
     folder = (root or cache_root()) / f"tiny-{family}-{task}-v{TINY_VERSION}"
     if (folder / "COMPLETE").is_file():
         return folder

@@ -46,13 +46,13 @@ def reference(pipe, guidance=(4.0, 3.0), seed=7, **kw):
     return torch.from_numpy(np.asarray(out.frames[0]))
 
 
-def ours(model_dir, task="t2v", guidance=(4.0, 3.0), seed=7, image=None, model_cls="wan2.2_moe", **kw):
+def ours(model_dir, task="t2v", guidance=(4.0, 3.0), seed=7, image=None, model_cls="wan2.2_moe", last=None, **kw):
     pipe = LightX2VPipeline(model_path=model_dir, model_cls=model_cls, task=task)
     kw = {"sample_shift": FLOW_SHIFT, "height": H, "width": W, "num_frames": F, "infer_steps": STEPS,
           "guidance_scale": list(guidance), **kw}
     pipe.create_generator(device="cpu", **kw)
-    frames = pipe.generate(seed=seed, prompt=PROMPT, negative_prompt=NEG, image_path=image,
-                              return_result_tensor=True, progress=False)["video"]
+    frames = pipe.generate(seed=seed, prompt=PROMPT, negative_prompt=NEG, image_path=image, last_frame_path=last,
+                           return_result_tensor=True, progress=False)["video"]
     return frames, pipe
 
 
@@ -96,6 +96,18 @@ def test_a14b_i2v_matches_diffusers(moe_i2v, tmp_path):
     wan = convert_checkpoint(model_dir, tmp_path / "wan", layout="wan")
     assert not (wan / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth").exists()  # Wan2.2: no CLIP
     assert (ours(wan, "i2v", guidance=(3.5, 2.0), image=img)[0] - want).abs().max().item() <= TOL
+
+
+def test_a14b_flf2v_matches_diffusers(moe_i2v):
+    """Wan2.2 A14B first-last-frame (LightX2V's wan_moe_flf2v): the I2V experts with the last frame's latents and
+    mask at the end, as diffusers' WanImageToVideoPipeline(last_image=...)."""
+    model_dir, pipe = moe_i2v
+    first, last = picture(W, H, 0), picture(W, H, 1)
+    want = reference(pipe, guidance=(3.5, 2.0), image=first, last_image=last)
+    got, _ = ours(model_dir, "flf2v", guidance=(3.5, 2.0), image=first, last=last)
+    assert (got - want).abs().max().item() <= TOL
+    without, _ = ours(model_dir, "i2v", guidance=(3.5, 2.0), image=first)
+    assert (without - want).abs().max().item() > 10 * TOL  # the last frame matters
 
 
 def test_a14b_offload_and_default_boundary(moe_t2v):

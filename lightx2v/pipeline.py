@@ -138,6 +138,15 @@ class LightX2VPipeline:
 
     # --- the config, kept on the pipeline --------------------------------------------------------------------------
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """LightX2V's pipeline is its config (``pipe.t5_cpu_offload = True`` sets that key): a config key assigned
+        as an attribute is set as a keyword call of create_generator would set it; other attributes are ours."""
+        if not name.startswith("_") and name not in _OWN_ATTRIBUTES and "_overrides" in self.__dict__ \
+                and _is_config_key(name, self.family):
+            self._set(f"pipe.{name} = ...", **{name: value})
+            return
+        super().__setattr__(name, value)
+
     def _set(self, source: str, **values: Any) -> None:
         """Set config keys as a keyword call of create_generator would (checked now, applied by the next
         create_generator); None: not given."""
@@ -390,6 +399,16 @@ def folder_defaults(model_path: Path) -> dict[str, Any]:
     sizes), at the "defaults" tier: a config JSON and arguments still win."""
     path = Path(model_path) / FOLDER_DEFAULTS
     return load_config_json(path) if path.is_file() else {}
+
+
+_OWN_ATTRIBUTES = frozenset({"model_path", "model_cls", "task", "family", "support_tasks", "config", "runner",
+                              "last_timings"})
+
+
+def _is_config_key(name: str, family) -> bool:
+    from lightx2v.config import COMPAT_KEYS, all_keys
+
+    return name in COMPAT_KEYS or name in all_keys(family)
 
 
 _CACHE_SETTINGS = frozenset({"feature_caching", "coefficients", "teacache_thresh", "use_ret_steps",

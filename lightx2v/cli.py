@@ -97,7 +97,7 @@ def _generate(args: argparse.Namespace) -> int:
     GenerationRequest(task=args.task, sampling=SamplingConfig(), prompt=args.prompt,
                       negative_prompt=args.negative_prompt, seed=args.seed, save_result_path=args.save_result_path)
     pipe.check_images(args.image_path, args.last_frame_path)
-    check_output_path(args.save_result_path)
+    check_output_path(args.save_result_path, args.num_frames)
     pipe.create_generator(config_json=args.config_json, **overrides)
     result = pipe.generate(seed=args.seed, prompt=args.prompt, negative_prompt=args.negative_prompt,
                            image_path=args.image_path, last_frame_path=args.last_frame_path,

@@ -227,7 +227,9 @@ def _tokens_close(a: str, b: str) -> bool:
     ta, tb = a.lower().split("_"), b.lower().split("_")
     if len(ta) != len(tb):
         return a.replace("_", "").lower() == b.replace("_", "").lower()
-    return all(x == y or (min(len(x), len(y)) >= 3 and difflib.SequenceMatcher(None, x, y).ratio() >= 0.8)
+    if len(ta) > 1 and not any(x == y for x, y in zip(ta, tb)):
+        return False  # no word in common: another key (lora_mod is not unload_modules)
+    return all(x == y or (min(len(x), len(y)) >= 3 and difflib.SequenceMatcher(None, x, y).ratio() >= 0.6)
                for x, y in zip(ta, tb))
 
 

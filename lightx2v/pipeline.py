@@ -470,12 +470,14 @@ def _gib(n: float) -> str:
 
 def check_output_size(s, output: str = "video") -> None:
     """Refuse a result that cannot fit in host memory, and warn about one that takes much of it, before anything
-    runs: the decoded frames alone are ``F x H x W x 3`` float32 values (the generation's working memory comes on
-    top). ``s``: the request's SamplingConfig; ``output``: the family's ("image": one frame)."""
+    runs. The decoded video is ``F x H x W x 3`` float32 values, held twice when decoding ends (the autoencoder's
+    ``[3, F, H, W]`` output and the ``[F, H, W, 3]`` result); the rest of the generation's memory comes on top.
+    ``s``: the request's SamplingConfig; ``output``: the family's ("image": one frame)."""
     frames = 1 if output == "image" else s.num_frames
-    need = frames * s.height * s.width * 3 * 4
+    need = 2 * frames * s.height * s.width * 3 * 4
     total, avail = _memory_bytes()
-    what = f"num_frames={frames} at {s.height}x{s.width}: the decoded result alone is {_gib(need)} (float32 frames)"
+    what = (f"num_frames={frames} at {s.height}x{s.width}: decoding it takes at least {_gib(need)} (the float32 "
+            "frames, twice)")
     if total is not None and need > total:
         raise UserError(f"{what}, more than this machine's {_gib(total)} of memory; ask for fewer frames or a "
                         "smaller size")

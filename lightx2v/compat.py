@@ -172,27 +172,28 @@ OFF_VALUES: dict[str, tuple] = {
 }
 ON_FEATURES = {"t5_quantized": "quantized T5 text encoder", "clip_quantized": "quantized CLIP image encoder"}
 
-# Keys read by no LightX2V Wan code at f8aee98 (LightX2V ignores them, so do we): key -> why.
+# Keys that change nothing for a Wan model in LightX2V at f8aee98 (so they change nothing here either): key -> why.
 INERT: dict[str, str] = {
-    "convert_model_dtype": "read by no LightX2V code",
-    "cpu_offload_activations": "read by no LightX2V code",
+    "convert_model_dtype": "LightX2V reads it nowhere",
+    "cpu_offload_activations": "LightX2V reads it nowhere",
     "comment": "free text",
     "comment_parallel": "free text",
-    "rotary_chunk": "read by no LightX2V code",
-    "inject_sample_info": "read by no LightX2V code",
-    "sparse_type": "read by no LightX2V code",
-    "num_blocks": "read by no LightX2V code",
-    "num_fragments": "read by no LightX2V code",
-    "sparge": "read by no LightX2V code",
-    "sparge_ckpt": "read by no LightX2V code",
-    "offload_ratio": "read only by LightX2V's Qwen-Image offload",
-    "vae_offload_cache": "read only by LightX2V's Wan audio runner",
-    "target_fps": "read only by LightX2V's audio and self-forcing runners (RIFE reads video_frame_interpolation's)",
-    "clean_cuda_cache": "memory hygiene (torch.cuda.empty_cache between blocks): no effect on the result",
-    "num_disk_workers": "lazy_load reader threads: lightx2v reads with one background thread",
+    "rotary_chunk": "LightX2V reads it nowhere (its key is rope_chunk)",
+    "inject_sample_info": "LightX2V reads it nowhere",
+    "sparse_type": "LightX2V reads it nowhere",
+    "num_blocks": "LightX2V reads it nowhere",
+    "num_fragments": "LightX2V reads it nowhere",
+    "sparge": "LightX2V reads it nowhere",
+    "sparge_ckpt": "LightX2V reads it nowhere",
+    "offload_ratio": "LightX2V reads it only in Qwen-Image's offload",
+    "vae_offload_cache": "LightX2V reads it only in its Wan audio runner",
+    "target_fps": "LightX2V reads it only in its audio and self-forcing runners (RIFE's is in "
+                  "video_frame_interpolation)",
+    "clean_cuda_cache": "torch.cuda.empty_cache() between blocks in LightX2V: memory hygiene that changes no result",
+    "num_disk_workers": "lazy_load's reader threads in LightX2V; lightx2v reads with one background thread",
     # create_generator arguments that only LightX2V's LTX-2 reads
-    "audio_fps": "read only by LightX2V's LTX-2 (audio)",
-    "distilled_sigma_values": "read only by LightX2V's LTX-2",
+    "audio_fps": "LightX2V reads it only for LTX-2 (audio)",
+    "distilled_sigma_values": "LightX2V reads it only for LTX-2",
 }
 
 # --- kernel selectors: the same math, another implementation -----------------------------------------------------

@@ -259,7 +259,7 @@ def normalise_keys(raw: dict[str, Any], source: str, family=None, notes: list[st
         if key in IGNORED:
             continue
         if key in compat.INERT:
-            notes.append(f"{key} ignored ({compat.INERT[key]}; LightX2V does not use it either)")
+            notes.append(f"{key} ignored: {compat.INERT[key]}")
             continue
         if key in compat.KERNEL_SELECTORS:
             compat.check_kernel_selector(key, value)

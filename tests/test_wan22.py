@@ -139,17 +139,25 @@ def test_model_class_must_fit(moe_t2v, tiny_diffusers_t2v):
         LightX2VPipeline(model_path=tiny_diffusers_t2v[0], model_cls="wan2.2_moe",
                          task="t2v").create_generator(device="cpu")
     with pytest.raises(UserError, match="does not do task"):
-        LightX2VPipeline(model_path=moe_t2v[0], model_cls="wan2.2_moe", task="flf2v")
+        LightX2VPipeline(model_cls="wan2.2", task="flf2v")
+    with pytest.raises(UserError, match="does not fit the checkpoint"):  # A14B FLF2V needs the I2V experts
+        LightX2VPipeline(model_path=moe_t2v[0], model_cls="wan2.2_moe", task="flf2v").check_generator(device="cpu")
     with pytest.raises(UserError, match="guidance_scale"):
         ours(moe_t2v[0], guidance=(1.0, 2.0, 3.0))
     one = LightX2VPipeline(model_path=tiny_diffusers_t2v[0], model_cls="wan2.1", task="t2v")
     for bad in ({"guidance_scale": [4.0, 3.0]}, {"boundary": 0.9}, {"boundary_step_index": 1}):
         with pytest.raises(UserError, match="this model has one DiT"):
             one.create_generator(device="cpu", **bad)
-    with pytest.raises(UserError, match="step-distilled"):
-        ours(moe_t2v[0], boundary_step_index=2)
-    with pytest.raises(UserError, match="either boundary or boundary_step_index"):
-        LightX2VPipeline(model_cls="wan2.2_moe_distill", task="t2v").create_generator(device="cpu", boundary=0.9)
+    # the key the model class's LightX2V runner does not read is ignored, with a note (as LightX2V ignores it)
+    cfg = LightX2VPipeline(model_path=moe_t2v[0], model_cls="wan2.2_moe").check_generator(boundary_step_index=2)
+    assert cfg.sampling.boundary_step_index is None and cfg.sampling.boundary == 0.875
+    assert any(n.startswith("boundary_step_index ignored") for n in cfg.notes)
+    cfg = LightX2VPipeline(model_cls="wan2.2_moe_distill", task="t2v").check_generator(device="cpu", boundary=0.9)
+    assert cfg.sampling.boundary is None and cfg.sampling.boundary_step_index == 2
+    assert any(n.startswith("boundary ignored") for n in cfg.notes)
+    with pytest.raises(UserError, match="either boundary or boundary_step_index"):  # one request asking for both
+        LightX2VPipeline(model_cls="wan2.2_moe_distill", task="t2v").create_generator(device="cpu").generate(
+            prompt="x", boundary=0.9, return_result_tensor=True)
 
 
 def test_per_frame_timesteps_match_diffusers():

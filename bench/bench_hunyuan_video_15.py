@@ -108,7 +108,7 @@ def dit_rows(cfg: HunyuanVideo15DiTConfig, sizes: dict, task: str, device, dtype
     attn = get_attention_backend(attn_name, dtype=dtype, head_dim=cfg.attention_head_dim, device=device)
     with torch.device("meta"):
         ours = HunyuanVideo15DiT(cfg, attn)
-    assign_strict(ours, ref.state_dict().items(), what="bench")  # the same tensors, no copy
+    assign_strict(ours, ref.state_dict().items(), what="bench", device=device)  # the same tensors, no copy
     ours.eval()
     for label, (frames, base) in sizes.items():
         height, width = closest_bucket(9, 16, base)
@@ -164,7 +164,7 @@ def vae_rows(cfg: HunyuanVideo15VAEConfig, sizes: dict, device, dtype, tile: int
     randomise_(ref, 2).to(dtype).eval().requires_grad_(False)
     with torch.device("meta"):
         ours = HunyuanVideo15VAE(cfg)
-    assign_strict(ours, ref.state_dict().items(), what="bench")
+    assign_strict(ours, ref.state_dict().items(), what="bench", device=device)
     ours.eval()
     ref.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile, tile_latent_min_height=tile // 16,
                       tile_latent_min_width=tile // 16)

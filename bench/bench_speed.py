@@ -127,7 +127,10 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def run(key, steps, compile_modes, rows, quants=("bf16", "fp8", "int8"), profiles=None):
+def run(key, steps, compile_modes, rows, quants=("bf16", "fp8", "int8"), profiles=None, modes=None,
+        cross_attn=None):
+    """``modes``: explicit (quant, self-attention backend) pairs, e.g. [("fp8", "flash_attn3_fp8")], instead of the
+    default grid; ``cross_attn``: the cross-attention backend (default: the self-attention's)."""
     from lightx2v.hooks.compile import apply_compile, remove_compile
     from lightx2v.ops.attention import get_attention_backend
     from lightx2v.ops.quant import apply_quantization
@@ -167,18 +170,26 @@ def run(key, steps, compile_modes, rows, quants=("bf16", "fp8", "int8"), profile
     print(rows[-1], flush=True)
 
     def set_attention(name):
-        backend = get_attention_backend(name, dtype=torch.bfloat16, head_dim=dit.cfg.head_dim,
-                                        device=torch.device("cuda"))
-        for block in dit.blocks:
-            block.self_attn.attn = block.cross_attn.attn = backend
+        def backend(n):
+            return get_attention_backend(n, dtype=torch.bfloat16, head_dim=dit.cfg.head_dim,
+                                         device=torch.device("cuda"))
 
-    for quant in [None if q == "bf16" else q for q in quants]:
-        if quant:
+        self_b, cross_b = backend(name), backend(cross_attn or name)
+        for block in dit.blocks:
+            block.self_attn.attn = self_b
+            block.cross_attn.attn = block.cross_attn.image_attn = cross_b
+
+    grid = modes or [(q, a) for q in quants for a in (["torch_sdpa", "sage_attn"] if q == "bf16" else ["sage_attn"])]
+    current = "bf16"
+    for quant, attn in grid:
+        quant = None if quant == "bf16" else quant
+        if (quant or "bf16") != current:
             del dit
             gc.collect(), torch.cuda.empty_cache()
-            dit = apply_quantization(build_dit(preset), quant)
+            dit = build_dit(preset) if quant is None else apply_quantization(build_dit(preset), quant)
+            current = quant or "bf16"
             gc.collect(), torch.cuda.empty_cache()
-        for attn in (["torch_sdpa", "sage_attn"] if quant is None else ["sage_attn"]):
+        for attn in [attn]:
             try:
                 set_attention(attn)
             except Exception as e:
@@ -197,14 +208,19 @@ def main():
     ap.add_argument("--no_compile", action="store_true")
     ap.add_argument("--quant", nargs="+", default=["bf16", "fp8", "int8"], choices=["bf16", "fp8", "int8"])
     ap.add_argument("--profile", action="store_true", help="GPU time by kind of kernel for each eager mode")
+    ap.add_argument("--modes", nargs="+", default=None, metavar="QUANT:ATTN",
+                    help="explicit modes, e.g. bf16:torch_sdpa fp8:flash_attn3_fp8 int8:sage_attn")
+    ap.add_argument("--cross_attn", default=None, help="cross-attention backend (default: the mode's)")
     args = ap.parse_args()
+    modes = [tuple(m.split(":", 1)) for m in args.modes] if args.modes else None
     import diffusers
 
     print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | diffusers {diffusers.__version__} | "
           "480x832x81, CFG", flush=True)
     rows, profiles = [], ({} if args.profile else None)
     for key in args.models:
-        run(key, args.steps, [False] if args.no_compile else [False, True], rows, args.quant, profiles)
+        run(key, args.steps, [False] if args.no_compile else [False, True], rows, args.quant, profiles, modes,
+            args.cross_attn)
     cols = list(dict.fromkeys(k for r in rows for k in r))
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:

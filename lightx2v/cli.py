@@ -39,6 +39,7 @@ OVERRIDES = {  # flag -> (type, help); given flags override the config JSON
     "boundary": (float, "two-expert models: the high-noise expert runs while t >= boundary x 1000"),
     "dit_quant_scheme": (str, "quantize the DiT's block linears: fp8 or int8 (LightX2V's fp8-sgl, int8-vllm, ... "
                               "accepted); a pre-quantized checkpoint is recognised without it"),
+    "aspect_ratio": (str, "image models: a named size such as 16:9 (it decides height and width)"),
 }
 
 
@@ -54,7 +55,7 @@ def _override_defaults() -> dict[str, str]:
             "num_frames": d["num_frames"], "guidance_scale": d["guidance_scale"], "sample_shift": d["sample_shift"],
             "attn_mode": "torch_sdpa", "sample_solver": d["solver"], "device": "auto", "dtype": "auto",
             "fps": d["fps"], "resize_mode": d["resize_mode"], "boundary": "the model class's",
-            "dit_quant_scheme": "none"}
+            "dit_quant_scheme": "none", "aspect_ratio": "the model's"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a video (or an image)")
     _add_generate_args(gen)
     gen.set_defaults(func=_generate)
-    from lightx2v.engine.family import convert_layouts
+    from lightx2v.engine.family import convert_layouts, families
 
     conv = sub.add_parser("convert", help="convert a checkpoint between its public layouts")
     conv.add_argument("src", help="source checkpoint folder (either layout)")
@@ -134,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--quantize", default=None, choices=["fp8", "int8"],
                       help="store the DiT block linears quantized (for dit_quant_scheme)")
     conv.set_defaults(func=_convert)
+    for family in families().values():  # the families' own sub-commands
+        if family.cli_commands is not None:
+            family.cli_commands(sub)
+    from lightx2v.serve.cli import register_serve
+
+    register_serve(sub)  # serve, submit
     return parser
 
 

@@ -253,19 +253,22 @@ def normalise_keys(raw: dict[str, Any], source: str, family=None, notes: list[st
             hints.append(f"{k!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
         raise UserError(f"unknown config keys in {source}: {', '.join(hints)}")
     notes = notes if notes is not None else []
+    implemented = set(known) - set(NOT_YET)  # a key a family implements is its, whatever compat says of it
     out: dict[str, Any] = {}
     kernels: dict[str, Any] = {}
     for key, value in raw.items():
         if key in IGNORED:
             continue
-        if key in compat.INERT:
+        if key in implemented:
+            pass
+        elif key in compat.INERT:
             notes.append(f"{key} ignored: {compat.INERT[key]}")
             continue
-        if key in compat.KERNEL_SELECTORS:
+        elif key in compat.KERNEL_SELECTORS:
             compat.check_kernel_selector(key, value)
             kernels[key] = value
             continue
-        if key in compat.ON_FEATURES or key in compat.FEATURES:
+        elif key in compat.ON_FEATURES or key in compat.FEATURES:
             if value is None or value in compat.OFF_VALUES.get(key, ()):
                 continue
             raise compat.not_implemented(key, compat.ON_FEATURES.get(key) or compat.FEATURES[key])

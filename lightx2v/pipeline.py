@@ -295,6 +295,8 @@ class LightX2VPipeline:
         """Check and read the image inputs the task needs (paths, PIL images or tensors) -> RGB PIL images.
         Callers can do this before any model is loaded, so that a bad image fails at once."""
         task = task or self.task
+        if self.family.read_images is not None:  # the family's own image inputs (e.g. several edit images)
+            return self.family.read_images(task, image_path, last_frame_path)
         if task in ("i2v", "flf2v") and image_path is None:
             raise UserError(f"task {task!r} needs an image: pass image_path")
         if task == "flf2v" and last_frame_path is None:

@@ -128,14 +128,16 @@ def test_shipped_configs_are_valid():
 
     fams = families()
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.json")):
-        if path.parent.name in ("hunyuan_video_15", "qwen_image"):  # not wired into config.py yet; their own
-            continue  # tests (test_hunyuan_video_15_configs, test_qwen_image_tiny) check them against the family
-        family = fams["z_image"] if "z_image" in path.name else fams["wan"]  # the family each config is for
+        # the family each config is for
+        by_folder = {"hunyuan_video_15": "hunyuan_video_1.5", "qwen_image": "qwen_image"}
+        family = fams["z_image"] if "z_image" in path.name else fams[by_folder.get(path.parent.name, "wan")]
         values = load_config_json(path)
-        if "lora_configs" in values:  # example paths: check the rest of the file, and that the path is the problem
-            with pytest.raises(UserError, match="LoRA file .* does not exist"):
-                build_config({}, values, {}, family=family)
-            values.pop("lora_configs")
+        for key, error in (("lora_configs", "LoRA file .* does not exist"),
+                           ("dit_original_ckpt", "dit_original_ckpt .* does not exist")):
+            if key in values:  # example paths: check the rest of the file, and that the path is the problem
+                with pytest.raises(UserError, match=error):
+                    build_config({}, values, {}, family=family)
+                values.pop(key)
         build_config({}, values, {}, family=family)
 
 

@@ -19,6 +19,8 @@ from lightx2v.errors import UserError
 BUILTIN_FAMILIES = (
     "lightx2v.models.wan.family",
     "lightx2v.models.z_image.family",
+    "lightx2v.models.hunyuan_video_15.family",
+    "lightx2v.models.qwen_image.family",
 )
 
 _FAMILIES: dict[str, "ModelFamily"] = {}
@@ -68,6 +70,11 @@ class ModelFamily:
     # model_cls -> {config key: why}: keys LightX2V's runner of that class does not read (e.g. a step list for a
     # model class that samples without one); a config that carries them is accepted, the key dropped with a note
     ignored_keys: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # (task, image_path, last_frame_path) -> the request's images (RGB PIL images), read and checked; None: the
+    # generic rule (image_path for i2v / flf2v, last_frame_path for flf2v)
+    read_images: Callable[[str, Any, Any], list] | None = None
+    # add(subparsers): the family's own ``lightx2v`` sub-commands (argparse sub-parsers), e.g. ``build-trt``
+    cli_commands: Callable[[Any], None] | None = None
 
     @property
     def tasks(self) -> tuple[str, ...]:

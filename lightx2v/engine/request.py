@@ -62,6 +62,8 @@ class SamplingConfig:
                 raise UserError(f"guidance_scale={list(g)!r} must be a number >= 0 or a list of two "
                                 "([high-noise expert, low-noise expert])")
             object.__setattr__(self, "guidance_scale", (float(g[0]), float(g[1])))
+        elif self.enable_cfg is False:  # unused without CFG: LightX2V's distilled configs write -1 there
+            check_number("guidance_scale", self.guidance_scale)
         else:
             check_number("guidance_scale", self.guidance_scale, lo=0.0)
         if self.sample_shift != "auto":  # "auto": the checkpoint's own shift (families whose scheduler config has one)

@@ -92,3 +92,73 @@ class Generator:
         self.last_memory = dict(ctx.memory)
         log.info("peak memory (GiB): " + " | ".join(f"{k} {v:.2f}" for k, v in ctx.memory.items()))
         return frames
+
+    @torch.inference_mode()
+    def run_batch(self, requests: list[GenerationRequest], ctxs: list[RunContext] | None = None) -> list:
+        """Several requests, their denoising as one batch through the transformer where it can.
+
+        Returns one result per request, in order: its :class:`Frames`, or the exception that stopped it (a
+        :class:`lightx2v.errors.Cancelled`, a :class:`lightx2v.errors.UserError`, ...), so that one request's failure
+        does not fail the others. The encoder and the decoder run per request; the transformer runs the requests of
+        equal sampling settings (and latent shape) as one batch when it has ``call_batch`` (and
+        ``batch_blocker(conditioning)`` finds nothing against it), and one by one otherwise. Each request's output
+        equals its :meth:`run` alone up to float rounding.
+        """
+        ctxs = list(ctxs) if ctxs is not None else [RunContext() for _ in requests]
+        if len(ctxs) != len(requests):
+            raise ValueError(f"run_batch got {len(requests)} requests and {len(ctxs)} contexts")
+        call_batch = getattr(self.transformer, "call_batch", None)
+        if len(requests) <= 1 or call_batch is None:
+            return [self._run_caught(r, c) for r, c in zip(requests, ctxs)]
+        results: list = [None] * len(requests)
+        conds: dict[int, Any] = {}
+        for k, (request, ctx) in enumerate(zip(requests, ctxs)):
+            ctx.device = ctx.device or self.device
+            try:
+                self.check_request(request)
+                ctx.check()
+                conds[k] = self.encoder(request, ctx)
+                ctx.check()
+            except Exception as e:  # noqa: BLE001 - the request's own failure, reported to it
+                results[k] = e
+        groups: dict[Any, list[int]] = {}
+        blocker = getattr(self.transformer, "batch_blocker", lambda cond: None)
+        for k, cond in conds.items():
+            key = (requests[k].task, requests[k].sampling, tuple(map(tuple, cond.latent_shapes))) \
+                if blocker(cond) is None else ("alone", k)
+            groups.setdefault(key, []).append(k)
+        latents: dict[int, Any] = {}
+        for members in groups.values():
+            try:
+                if len(members) == 1:
+                    k = members[0]
+                    outs = [self.transformer(conds[k], ctxs[k])]
+                else:
+                    outs = call_batch([conds[k] for k in members], [ctxs[k] for k in members])
+            except Exception as e:  # noqa: BLE001 - fails every member of this group
+                outs = [e] * len(members)
+                empty_device_cache(self.device)
+            for k, out in zip(members, outs):
+                if isinstance(out, BaseException):
+                    results[k] = out
+                else:
+                    latents[k] = out
+                conds.pop(k, None)
+        for k, lat in latents.items():
+            try:
+                ctxs[k].check()
+                results[k] = self.decoder(lat, ctxs[k])
+            except Exception as e:  # noqa: BLE001
+                results[k] = e
+        if any(isinstance(r, BaseException) for r in results):
+            empty_device_cache(self.device)
+        for ctx in ctxs:
+            ctx.memory["host RSS"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        self.last_timings = dict(ctxs[0].timings)
+        return results
+
+    def _run_caught(self, request: GenerationRequest, ctx: RunContext):
+        try:
+            return self.run(request, ctx)
+        except Exception as e:  # noqa: BLE001 - reported to the request
+            return e

@@ -272,10 +272,12 @@ def _file_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_dit(model_path, layout: str, *, attn, device="cpu", dtype=torch.float32,
-             transformer_model_name: str | None = None, weights_file=None):
+             transformer_model_name: str | None = None, weights_file=None, quant_scheme: str | None = None):
     """Build the DiT on the meta device and stream its weights in (strict). ``weights_file``: one safetensors file in
     either naming to take the weights from instead of the folder's (LightX2V's ``dit_original_ckpt``, e.g. a
-    step-distilled DiT); the architecture still comes from the folder's config."""
+    step-distilled DiT); the architecture still comes from the folder's config. ``quant_scheme`` ("fp8" / "int8"):
+    the Linear layers of the blocks (the hook plan's ``quantize_prefixes``) become ``QuantLinear`` and their float
+    weights are quantized per output channel as they stream in (on ``device``)."""
     from lightx2v.models.hunyuan_video_15.dit import HunyuanVideo15DiT
 
     cfg = read_dit_config(model_path, layout, transformer_model_name)
@@ -287,8 +289,42 @@ def load_dit(model_path, layout: str, *, attn, device="cpu", dtype=torch.float32
     else:
         folder = dit_folder(model_path, layout, transformer_model_name)
         files, what = dit_weight_files(folder, layout), f"DiT checkpoint in {folder}"
-    assign_strict(model, _file_tensors(files), what=what, dtype_for=lambda name: dtype, device=device)
+    tensors = _file_tensors(files)
+    quantized: set[str] = set()
+    if quant_scheme is not None:
+        from lightx2v.ops.quant import apply_quantization, quantizable_linears
+
+        quantized = set(quantizable_linears(model))
+        apply_quantization(model, quant_scheme)
+        tensors = _quantize_stream(tensors, quantized, quant_scheme, device, what)
+
+    def dtype_for(name: str):
+        module, _, leaf = name.rpartition(".")
+        return None if module in quantized and leaf in ("weight", "weight_scale") else dtype
+
+    assign_strict(model, tensors, what=what, dtype_for=dtype_for, device=device)
     return model.eval().requires_grad_(False)
+
+
+def _quantize_stream(tensors, quantized: set[str], scheme: str, device, what: str
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Float weights of the ``quantized`` Linear layers -> (int8 / fp8 weight, float32 ``weight_scale``); weights
+    already stored in the scheme's format pass through (with their ``weight_scale``), the rest as they come. (The
+    rule of Wan's loader; a generic helper for ``lightx2v.loading``.)"""
+    from lightx2v.ops.quant import _STORAGE, quantize_weight
+
+    for name, t in tensors:
+        module, _, leaf = name.rpartition(".")
+        if module in quantized and leaf == "weight":
+            if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+                q, scale = quantize_weight(t.to(device), scheme)
+                yield name, q
+                yield f"{module}.weight_scale", scale
+                continue
+            if t.dtype != _STORAGE[scheme]:
+                raise CheckpointError(f"{what}: {name} is stored as {t.dtype}, which does not fit "
+                                      f"dit_quant_scheme {scheme!r} ({_STORAGE[scheme]})")
+        yield name, t
 
 
 def save_dit(model, folder, layout: str = "diffusers") -> None:

@@ -15,6 +15,13 @@ Data flow of one forward (B = batch, Lv = F * H * W video tokens after the 1x1x1
   and meet in one joint attention over ``[video, condition]`` (3D RoPE on the video tokens only).
 * adaLN-modulated LayerNorm -> linear -> unpatchify -> ``[B, 32, F, H, W]`` (the flow velocity).
 
+The blocks run through one :class:`lightx2v.models.block_stack.BlockStack` (``self.block_stack``), the hook point of
+feature caching: its token stream is the two streams joined, ``[video, condition]`` (``[B, Lv + Lc, C]``), each
+block splitting it at ``Lv`` and joining its two outputs again (exact: the same values as two separate streams), so a
+cached residual covers both streams as LightX2V's caches do. The hook plan (``HUNYUAN_PLAN``) names the blocks
+(``transformer_blocks``: offload and compile units, and what fp8/int8 quantization replaces), their two phases and the
+embeddings used only before block 0.
+
 The reference pads the Qwen tokens to 1000 and the ByT5 tokens to 256 and masks the padding out of every attention
 (a padded query attends to nothing, a padded key is seen by nobody). Here the condition streams carry only their valid
 tokens, which gives the same video-token outputs with no mask, so attention goes through the mask-free backend of
@@ -25,12 +32,15 @@ unconditional branch as two batch-1 forwards, as the reference does.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightx2v.models.block_stack import BlockStack
 from lightx2v.models.hunyuan_video_15.arch import GLYPH_PROJ_DIM, HunyuanVideo15DiTConfig
+from lightx2v.models.plan import HookPlan
 
 TIME_FREQ_DIM = 256
 
@@ -339,8 +349,39 @@ class OutputNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
 
 
+class HunyuanStackArgs(NamedTuple):
+    """Per-forward inputs of every block (what block-stack hooks receive as ``args``)."""
+
+    temb: torch.Tensor  # [B, C] time embedding: every block's modulation reads it (what TeaCache measures)
+    cos: torch.Tensor  # [Lv, head_dim] RoPE tables of the video tokens
+    sin: torch.Tensor
+    video_tokens: int  # Lv: the block stack's tokens are [video (Lv), condition]
+
+    @property
+    def modulation(self) -> torch.Tensor:
+        """What the blocks' modulation layers read (TeaCache with ``use_ret_steps``): the time embedding."""
+        return self.temb
+
+
+def _call_block(block: "DualStreamBlock", tokens: torch.Tensor, a: HunyuanStackArgs) -> torch.Tensor:
+    lv = a.video_tokens
+    x, c = block(tokens[:, :lv], tokens[:, lv:], a.temb, a.cos, a.sin)
+    return torch.cat([x, c], dim=1)
+
+
+# Phases of a block (offload_granularity "phase"): the joint attention with both streams' modulation, then both MLPs.
+HUNYUAN_PHASES = (("attn", ("norm1", "norm1_context", "attn")), ("ffn", ("ff", "ff_context")))
+# Used only before block 0 (norm_out / proj_out run after the blocks and stay on the device).
+HUNYUAN_EMBEDDINGS = ("x_embedder", "image_embedder", "context_embedder", "context_embedder_2", "time_embed",
+                      "cond_type_embed")
+HUNYUAN_PLAN = HookPlan(blocks="transformer_blocks", phases=HUNYUAN_PHASES, embeddings=HUNYUAN_EMBEDDINGS,
+                        quantize_prefixes=("transformer_blocks.",))
+
+
 class HunyuanVideo15DiT(nn.Module):
     """See the module docstring. ``attn``: a backend from ``lightx2v.ops.attention.get_attention_backend``."""
+
+    hook_plan = HUNYUAN_PLAN
 
     def __init__(self, cfg: HunyuanVideo15DiTConfig, attn):
         super().__init__()
@@ -354,6 +395,7 @@ class HunyuanVideo15DiT(nn.Module):
         self.cond_type_embed = nn.Embedding(3, dim)  # 0: Qwen text, 1: ByT5 glyphs, 2: SigLIP image
         self.transformer_blocks = nn.ModuleList(
             [DualStreamBlock(dim, cfg.num_attention_heads, cfg.mlp_ratio, attn) for _ in range(cfg.num_layers)])
+        self.block_stack = BlockStack(self.transformer_blocks, _call_block)  # the hook point of feature caching
         self.norm_out = OutputNorm(dim)
         self.proj_out = nn.Linear(dim, cfg.patch_size_t * cfg.patch_size * cfg.patch_size * cfg.out_channels)
 
@@ -382,20 +424,12 @@ class HunyuanVideo15DiT(nn.Module):
         temb = self.time_embed(t, t_r)
         x = self.x_embedder(latents.to(self.x_embedder.proj.weight.dtype))
         c = self.condition_tokens(t, text, glyph, image)
-        x, c = self.run_blocks(x, c, temb, cos, sin)
-        x = self.proj_out(self.norm_out(x, temb))
+        lv = x.shape[1]
+        tokens = self.block_stack(torch.cat([x, c], dim=1), HunyuanStackArgs(temb, cos, sin, lv))
+        x = self.proj_out(self.norm_out(tokens[:, :lv], temb))
         # [B, T*H*W, C*pt*p*p] -> [B, C, T*pt, H*p, W*p]
         x = x.reshape(b, *grid, -1, pt, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return x.reshape(b, cfg.out_channels, grid[0] * pt, grid[1] * p, grid[2] * p)
-
-
-    def run_blocks(self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The dual-stream block stack: video ``[B, Lv, C]`` and condition ``[B, Lc, C]`` tokens in and out (the
-        unit that feature caching skips and block offload streams; hooks replace this method on the instance)."""
-        for block in self.transformer_blocks:
-            x, c = block(x, c, temb, cos, sin)
-        return x, c
 
 
 def valid_tokens(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

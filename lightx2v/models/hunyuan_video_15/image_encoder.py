@@ -44,6 +44,11 @@ class SiglipImageEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def to(self, device):
+        """Move the model (the processor has no tensors); returns self."""
+        self.model.to(device)
+        return self
+
     @torch.inference_mode()
     def encode(self, image: Image.Image) -> torch.Tensor:
         pixels = self.processor.preprocess(images=image, do_resize=True, return_tensors="pt", do_convert_rgb=True)

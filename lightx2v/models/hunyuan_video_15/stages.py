@@ -23,6 +23,7 @@ What each stage does is what diffusers' ``HunyuanVideo15Pipeline`` (T2V) and ``H
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from os import PathLike
@@ -123,6 +124,12 @@ class HunyuanVideo15Options:
     dit_original_ckpt: str | None = None  # one safetensors file with the DiT weights (e.g. a step-distilled DiT)
     use_tiling_vae: bool = False  # VAE encode/decode in 256 px tiles (diffusers' enable_tiling)
     vae_tile_size: int = 256
+    dit_quant_scheme: str | None = None  # "fp8" / "int8": the blocks' linears quantized at load (lightx2v.ops.quant)
+    # components kept on the CPU between uses and moved to the device only while they run (LightX2V's keys)
+    qwen25vl_cpu_offload: bool = False
+    byt5_cpu_offload: bool = False
+    siglip_cpu_offload: bool = False
+    vae_cpu_offload: bool = False
 
     def __post_init__(self):
         if not isinstance(self.attn_mode, str):
@@ -133,10 +140,16 @@ class HunyuanVideo15Options:
             parse_transformer_model_name(self.transformer_model_name)
         if self.dit_original_ckpt is not None and not isinstance(self.dit_original_ckpt, (str, PathLike)):
             raise UserError(f"dit_original_ckpt={self.dit_original_ckpt!r} must be a path to a .safetensors file")
-        if not isinstance(self.use_tiling_vae, bool):
-            raise UserError(f"use_tiling_vae={self.use_tiling_vae!r} must be true or false")
+        for name in ("use_tiling_vae", "qwen25vl_cpu_offload", "byt5_cpu_offload", "siglip_cpu_offload",
+                     "vae_cpu_offload"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name}={getattr(self, name)!r} must be true or false")
         if not _is_int(self.vae_tile_size) or self.vae_tile_size < 32 or self.vae_tile_size % 16:
             raise UserError(f"vae_tile_size={self.vae_tile_size!r} must be a multiple of 16, at least 32")
+        if self.dit_quant_scheme is not None:
+            from lightx2v.ops.quant import resolve_scheme
+
+            object.__setattr__(self, "dit_quant_scheme", resolve_scheme(self.dit_quant_scheme))
 
 
 @dataclass(frozen=True)
@@ -178,6 +191,26 @@ class HunyuanVideo15Encoded:
     image_latents: torch.Tensor | None = None  # I2V: [1, 32, 1, h, w] normalised VAE latents of the image
 
 
+def _home(device: torch.device, offloaded: bool) -> torch.device:
+    """Where a component lives between uses: the CPU when it is offloaded, else its device."""
+    return torch.device("cpu") if offloaded else device
+
+
+@contextlib.contextmanager
+def _in_use(component, device: torch.device, offloaded: bool):
+    """``component`` on ``device`` inside the block; an offloaded one is moved in and back to the CPU after."""
+    if not offloaded:
+        yield component
+        return
+    component.to(device)
+    try:
+        yield component
+    finally:
+        component.to(torch.device("cpu"))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def _check_dtype(dtype) -> torch.dtype:
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise UserError(f"dtype {dtype!r} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
@@ -197,16 +230,22 @@ class HunyuanVideo15Encoder:
         self.dit_cfg = read_dit_config(model_path, self.layout, self.options.transformer_model_name, with_shapes=False)
         self.vae_cfg = read_vae_config(model_path, self.layout)
         self.defaults = sampling_defaults(model_path, self.layout, self.options.transformer_model_name)
-        self.text = load_qwen_text_encoder(model_path, self.layout, device=self.device, dtype=self.dtype)
-        self.glyph = load_glyph_encoder(model_path, self.layout, device=self.device, dtype=self.dtype)
+        o = self.options
+        self.text = load_qwen_text_encoder(model_path, self.layout, device=_home(self.device, o.qwen25vl_cpu_offload),
+                                           dtype=self.dtype)
+        self.glyph = load_glyph_encoder(model_path, self.layout, device=_home(self.device, o.byt5_cpu_offload),
+                                        dtype=self.dtype)
         self.image_encoder = self.vae = None
         if preload_i2v:
             self._load_i2v()
 
     def _load_i2v(self) -> None:
         if self.image_encoder is None:
-            self.image_encoder = load_image_encoder(self.model_path, self.layout, device=self.device, dtype=self.dtype)
-            self.vae = load_vae(self.model_path, self.layout, device=self.device, dtype=self.dtype, parts=("encoder",))
+            o = self.options
+            self.image_encoder = load_image_encoder(self.model_path, self.layout,
+                                                    device=_home(self.device, o.siglip_cpu_offload), dtype=self.dtype)
+            self.vae = load_vae(self.model_path, self.layout, device=_home(self.device, o.vae_cpu_offload),
+                                dtype=self.dtype, parts=("encoder",))
 
     def output_size(self, request: HunyuanVideo15Request, image=None) -> tuple[int, int]:
         if request.height is not None:
@@ -217,7 +256,9 @@ class HunyuanVideo15Encoder:
         return closest_bucket(h, w, self.dit_cfg.target_size)
 
     @torch.inference_mode()
-    def encode(self, request: HunyuanVideo15Request) -> HunyuanVideo15Encoded:
+    def encode(self, request: HunyuanVideo15Request, stage=None) -> HunyuanVideo15Encoded:
+        """The request's message for the transformer stage. ``stage(name)``: a context manager timing each part
+        ("text encode", "image encode"; e.g. ``RunContext.stage``), or None."""
         from lightx2v.io.image import load_image
         from lightx2v.models.hunyuan_video_15.image_encoder import resize_and_crop, vae_input
 
@@ -230,19 +271,28 @@ class HunyuanVideo15Encoder:
         if (request.num_frames - 1) % t:
             raise UserError(f"num_frames={request.num_frames} must be of the form {t}k+1")
         latent_shape = (self.vae_cfg.latent_channels, (request.num_frames - 1) // t + 1, height // s, width // s)
+        o, dev = self.options, self.device
+        stage = stage or (lambda name: contextlib.nullcontext())
+        prompts = [request.prompt] + ([request.negative_prompt] if sampling.do_cfg else [])
+        with stage("text encode"):
+            with _in_use(self.text, dev, o.qwen25vl_cpu_offload) as text:
+                text_states = [text.encode(p) for p in prompts]
+            with _in_use(self.glyph, dev, o.byt5_cpu_offload) as glyph:
+                glyph_states = [glyph.encode(p) for p in prompts]
         out = HunyuanVideo15Encoded(
             task=request.task, height=height, width=width, num_frames=request.num_frames, latent_shape=latent_shape,
-            sampling=sampling, prompt_embeds=self.text.encode(request.prompt),
-            prompt_embeds_2=self.glyph.encode(request.prompt))
+            sampling=sampling, prompt_embeds=text_states[0], prompt_embeds_2=glyph_states[0])
         if sampling.do_cfg:
-            out.negative_prompt_embeds = self.text.encode(request.negative_prompt)
-            out.negative_prompt_embeds_2 = self.glyph.encode(request.negative_prompt)
+            out.negative_prompt_embeds, out.negative_prompt_embeds_2 = text_states[1], glyph_states[1]
         if image is not None:
             self._load_i2v()
-            image = resize_and_crop(image, height, width)
-            out.image_embeds = self.image_encoder.encode(image)
-            tiling = _tiling(self.options)
-            out.image_latents = self.vae.encode(vae_input(image).to(self.device), tiling=tiling)
+            with stage("image encode"):
+                image = resize_and_crop(image, height, width)
+                with _in_use(self.image_encoder, dev, o.siglip_cpu_offload) as siglip:
+                    out.image_embeds = siglip.encode(image)
+                tiling = _tiling(self.options)
+                with _in_use(self.vae, dev, o.vae_cpu_offload) as vae:
+                    out.image_latents = vae.encode(vae_input(image).to(dev), tiling=tiling)
         return out
 
 
@@ -267,9 +317,15 @@ def condition_channels(encoded: HunyuanVideo15Encoded, dtype, device) -> torch.T
 
 
 class HunyuanVideo15Transformer:
-    """The DiT and the sampler (the denoising loop); loads only the DiT's weights."""
+    """The DiT and the sampler (the denoising loop); loads only the DiT's weights.
 
-    def __init__(self, model_path, device="cpu", dtype=torch.float32, options: HunyuanVideo15Options | None = None):
+    ``load_device``: where the weights are loaded (default ``device``; the CPU when an offload handle will stream them
+    to ``device``). Runtime features attached from outside (``lightx2v.hooks``) are given to the loop as attributes:
+    ``cache`` (a feature-caching hook: told the step count and the branch of every forward) and ``offload`` (an
+    offload handle: the weights are made resident for the loop and released after it)."""
+
+    def __init__(self, model_path, device="cpu", dtype=torch.float32, options: HunyuanVideo15Options | None = None,
+                 load_device=None):
         from lightx2v.ops.attention import get_attention_backend
 
         self.device, self.dtype = torch.device(device), _check_dtype(dtype)
@@ -278,26 +334,40 @@ class HunyuanVideo15Transformer:
         cfg = read_dit_config(model_path, layout, self.options.transformer_model_name)
         attn = get_attention_backend(self.options.attn_mode, dtype=self.dtype, head_dim=cfg.attention_head_dim,
                                      device=self.device)
-        self.dit = load_dit(model_path, layout, attn=attn, device=self.device, dtype=self.dtype,
-                            transformer_model_name=self.options.transformer_model_name,
-                            weights_file=self.options.dit_original_ckpt)
+        self.dit = load_dit(model_path, layout, attn=attn, device=self.device if load_device is None else load_device,
+                            dtype=self.dtype, transformer_model_name=self.options.transformer_model_name,
+                            weights_file=self.options.dit_original_ckpt, quant_scheme=self.options.dit_quant_scheme)
+        self.cache = None
+        self.offload = None
 
     def initial_noise(self, encoded: HunyuanVideo15Encoded, seed: int) -> torch.Tensor:
         """Drawn as diffusers' ``randn_tensor`` with a CPU generator: on the CPU, in the DiT's dtype."""
         g = torch.Generator("cpu").manual_seed(seed)
         return torch.randn((1, *encoded.latent_shape), generator=g, dtype=self.dtype).to(self.device)
 
-    @torch.inference_mode()
     def denoise(self, encoded: HunyuanVideo15Encoded, request: HunyuanVideo15Request,
                 on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """-> denoised latents ``[1, 32, T, h, w]`` in the DiT's dtype."""
-        dit, dtype, dev = self.dit, self.dtype, self.device
+        """-> denoised latents ``[1, 32, T, h, w]`` in the DiT's dtype (the request gives the seed)."""
+        return self.sample(encoded, request.seed, on_step)
+
+    @torch.inference_mode()
+    def sample(self, encoded: HunyuanVideo15Encoded, seed: int,
+               on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """The denoising loop of ``encoded`` (whose ``sampling`` holds the resolved settings) from the noise of
+        ``seed`` -> latents ``[1, 32, T, h, w]`` in the DiT's dtype. ``on_step(i, n)`` after step i (of n)."""
+        with contextlib.ExitStack() as resident:
+            if self.offload is not None:  # the weights (or their slots) on the device for the loop only
+                resident.enter_context(self.offload.resident())
+            return self._sample(encoded, seed, on_step)
+
+    def _sample(self, encoded: HunyuanVideo15Encoded, seed: int, on_step) -> torch.Tensor:
+        dit, dtype, dev, cache = self.dit, self.dtype, self.device, self.cache
         if encoded.latent_shape[0] != dit.cfg.out_channels:
             raise UserError(f"the VAE's {encoded.latent_shape[0]} latent channels do not fit this DiT's "
                             f"{dit.cfg.out_channels}")
         sampling = encoded.sampling
         sched = FlowSigmaEuler(sampling.sigmas, sampling.sample_shift)
-        latents = self.initial_noise(encoded, request.seed)
+        latents = self.initial_noise(encoded, seed)
         cond = condition_channels(encoded, dtype, dev)
 
         def to_dev(x):
@@ -311,6 +381,8 @@ class HunyuanVideo15Transformer:
         # diffusers' I2V pipeline gives MeanFlow DiTs the next timestep as timestep_r (0 after the last step)
         use_r = dit.cfg.use_meanflow and encoded.task == "i2v"
         n = sched.num_inference_steps
+        if cache is not None:
+            cache.begin_generation(n)
         for i in range(n):
             t = sched.timesteps[i].to(dev)
             x_in = torch.cat([latents, cond], dim=1)
@@ -319,8 +391,12 @@ class HunyuanVideo15Transformer:
             if use_r:
                 nxt = sched.timesteps[i + 1] if i + 1 < n else torch.tensor(0.0)
                 t_r = nxt.to(dev).expand(1).to(dtype)
+            if cache is not None:
+                cache.set_branch("cond")
             v = dit(x_in, tt, text, glyph, image, t_r)
             if sampling.do_cfg:
+                if cache is not None:
+                    cache.set_branch("uncond")
                 v_uncond = dit(x_in, tt, neg_text, neg_glyph, image, t_r)
                 v = v_uncond + sampling.guidance_scale * (v - v_uncond)
             latents = sched.step(v, latents)
@@ -335,13 +411,14 @@ class HunyuanVideo15Decoder:
     def __init__(self, model_path, device="cpu", dtype=torch.float32, options: HunyuanVideo15Options | None = None):
         self.device, self.dtype = torch.device(device), _check_dtype(dtype)
         self.options = options or HunyuanVideo15Options()
-        self.vae = load_vae(model_path, detect_layout(model_path), device=self.device, dtype=self.dtype,
-                            parts=("decoder",))
+        self.vae = load_vae(model_path, detect_layout(model_path), dtype=self.dtype, parts=("decoder",),
+                            device=_home(self.device, self.options.vae_cpu_offload))
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, encoded_meta: HunyuanVideo15Encoded | None = None) -> torch.Tensor:
         """latents ``[1, 32, T, h, w]`` -> frames ``[F, H, W, 3]`` float32 in [0, 1] on the CPU."""
-        video = self.vae.decode(latents.to(self.device), tiling=_tiling(self.options))
+        with _in_use(self.vae, self.device, self.options.vae_cpu_offload) as vae:
+            video = vae.decode(latents.to(self.device), tiling=_tiling(self.options))
         frames = (video[0] * 0.5 + 0.5).clamp(0, 1)  # [3, F, H, W]
         return frames.permute(1, 2, 3, 0).float().cpu()
 

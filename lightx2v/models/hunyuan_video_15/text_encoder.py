@@ -72,6 +72,11 @@ class QwenTextEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def to(self, device):
+        """Move the model (the tokenizer has no tensors); returns self."""
+        self.model.to(device)
+        return self
+
     @torch.inference_mode()
     def encode_padded(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (``[1, 1000, D]`` hidden states, ``[1, 1000]`` mask) exactly as the reference computes them."""
@@ -101,6 +106,11 @@ class GlyphTextEncoder:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def to(self, device):
+        """Move the model (the tokenizer has no tensors); returns self."""
+        self.model.to(device)
+        return self
 
     @property
     def dim(self) -> int:

@@ -13,6 +13,8 @@ exactly the 108 tokens the reference crops (as with the real Qwen2.5-VL tokenize
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch
 
 from lightx2v.models.hunyuan_video_15.arch import HunyuanVideo15DiTConfig, HunyuanVideo15VAEConfig
 
-TINY_VERSION = 1
+TINY_VERSION = 1  # bump when the tiny model changes, so cached copies are rewritten
 TINY_DIT = HunyuanVideo15DiTConfig(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16,
                                    num_layers=2, num_refiner_layers=2, text_embed_dim=32, text_embed_2_dim=24,
                                    image_embed_dim=16, rope_axes_dim=(4, 6, 6), target_size=64, task_type="t2v")
@@ -33,9 +35,9 @@ TINY_BYT5 = dict(d_model=24, d_kv=8, d_ff=48, num_layers=2, num_heads=3, relativ
 TINY_SIGLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28,
                    patch_size=14)
 TINY_SHIFT, TINY_GUIDANCE = 5.0, 6.0
-# sizes a 2-core CPU runs in seconds (64x64 is the 1:1 bucket of target_size 64)
-TINY_DEFAULTS = {"height": 64, "width": 64, "num_frames": 9, "infer_steps": 4, "guidance_scale": TINY_GUIDANCE,
-                 "sample_shift": TINY_SHIFT, "fps": 24}
+# Request defaults of the tiny model (config keys; a config JSON and arguments still win): a 2-core CPU runs them in
+# seconds. The size is the family's (T2V: the 16:9 bucket of target_size 64, 80x48; I2V: the image's bucket).
+TINY_DEFAULTS = {"num_frames": 9, "infer_steps": 4}
 
 _QWEN_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -211,7 +213,30 @@ def write_tiny_model(folder, task: str = "t2v", layout: str = "diffusers", seed:
             base = folder / "vision_encoder" / "siglip"
             _save_hf(siglip, base / "image_encoder")
             processor.save_pretrained(str(base / "feature_extractor"))
-    import shutil
-
     shutil.rmtree(tmp_tok, ignore_errors=True)
+    return folder
+
+
+def ensure_tiny_model(task: str = "t2v", root: Path | None = None) -> Path:
+    """The tiny model of ``task`` in diffusers' layout under ``root`` (default: lightx2v's cache folder), written
+    first if it is not there (atomically: written aside, then renamed; a copy written meanwhile by another process is
+    kept), with its request defaults in ``lightx2v_defaults.json``."""
+    from lightx2v.loading import cache_root
+
+    folder = Path(root or cache_root()) / f"tiny-hunyuan_video_1.5-{task}-v{TINY_VERSION}"
+    if (folder / "COMPLETE").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-hunyuan_video_1.5-", dir=folder.parent))
+    try:
+        write_tiny_model(tmp, task, "diffusers")
+        (tmp / "lightx2v_defaults.json").write_text(json.dumps(TINY_DEFAULTS, indent=2) + "\n")
+        (tmp / "COMPLETE").write_text("ok\n")
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / "COMPLETE").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder

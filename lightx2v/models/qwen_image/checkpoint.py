@@ -79,10 +79,16 @@ def single_file_dit_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tenso
 
 
 def load_dit(model_path: str | Path, *, attn, device="cpu", dtype: torch.dtype = torch.float32,
-             weights_file: str | Path | None = None):
+             weights_file: str | Path | None = None, quant_scheme: str | None = None,
+             copy_mapped: bool | None = None):
     """Build the MMDiT on the meta device and stream its tensors in (strict). ``weights_file``: take the tensors from
     that one safetensors file instead (e.g. a distilled DiT); the architecture still comes from
-    ``transformer/config.json``."""
+    ``transformer/config.json``. ``quant_scheme`` ("fp8" / "int8", LightX2V's ``dit_quant_scheme``): the Linear
+    layers of the blocks (the hook plan's ``quantize_prefixes``) become ``QuantLinear``; float weights are quantized
+    per output channel as they stream in (on ``device``), pre-quantized ones (LightX2V's layout: ``X.weight`` int8 /
+    float8_e4m3fn + ``X.weight_scale`` float32 [out, 1]) are taken as they are. ``copy_mapped``: copy the tensors
+    still memory-mapped from the file into fresh memory (:func:`_own_cpu_tensors`; default: when ``device`` is the
+    CPU; a caller that puts the weights on the CPU only to stream them to a GPU passes False)."""
     from lightx2v.models.qwen_image.dit import QwenImageDiT
 
     cfg = read_dit_config(model_path)
@@ -92,5 +98,67 @@ def load_dit(model_path: str | Path, *, attn, device="cpu", dtype: torch.dtype =
         tensors, what = single_file_dit_tensors(weights_file), f"DiT weights file {weights_file}"
     else:
         tensors, what = dit_tensors(model_path), f"DiT checkpoint in {model_root(model_path) / TRANSFORMER_DIR}"
-    assign_strict(model, tensors, what=what, dtype_for=lambda name: dtype, device=device)
+    quantized: set[str] = set()
+    if quant_scheme is not None:
+        from lightx2v.ops.quant import apply_quantization, quantizable_linears
+
+        quantized = set(quantizable_linears(model))
+        apply_quantization(model, quant_scheme)
+        tensors = quantize_stream(tensors, quantized, quant_scheme, device, what)
+
+    def dtype_for(name: str):
+        module, _, leaf = name.rpartition(".")
+        return None if module in quantized and leaf in ("weight", "weight_scale") else dtype  # storage dtypes kept
+
+    try:
+        assign_strict(model, tensors, what=what, dtype_for=dtype_for, device=device)
+    except CheckpointError as e:
+        if quant_scheme is None and "weight_scale" in str(e):
+            raise CheckpointError(f"{e}; this looks like a pre-quantized checkpoint: set dit_quant_scheme to fp8 or "
+                                  "int8") from None
+        raise
+    if copy_mapped if copy_mapped is not None else torch.device(device).type == "cpu":
+        _own_cpu_tensors(model)
     return model.eval().requires_grad_(False)
+
+
+ALIGN = 64  # bytes: what a fresh CPU allocation gets
+
+
+def _own_cpu_tensors(model: torch.nn.Module) -> None:
+    """Copy the CPU tensors that are still views of the memory-mapped safetensors file into fresh allocations.
+
+    Such a view sits at the file's byte offset (the header length decides it), and CPU GEMM kernels round
+    differently on unaligned operands (~1e-6 on the tiny model): without the copy a CPU result would depend on how
+    the file was written, and differ from the same weights held anywhere else (e.g. offload's aligned buffers).
+    Off the CPU, or after a dtype conversion, the tensors are copies already."""
+    with torch.no_grad():
+        for module in model.modules():
+            for store in (module._parameters, module._buffers):
+                for key, t in store.items():
+                    if t is not None and t.device.type == "cpu" and t.data_ptr() % ALIGN:
+                        if isinstance(t, torch.nn.Parameter):
+                            t.data = t.data.clone()
+                        else:
+                            store[key] = t.clone()
+
+
+def quantize_stream(tensors: Iterator[tuple[str, torch.Tensor]], quantized: set[str], scheme: str, device, what: str
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass (name, tensor) pairs through, quantizing the float ``weight`` of each module in ``quantized`` (one at a
+    time, on ``device``) and adding its ``weight_scale``; pre-quantized weights must already be in ``scheme``'s
+    storage dtype."""
+    from lightx2v.ops.quant import _STORAGE, quantize_weight
+
+    for name, t in tensors:
+        module, _, leaf = name.rpartition(".")
+        if module in quantized and leaf == "weight":
+            if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+                q, scale = quantize_weight(t.to(device), scheme)
+                yield name, q
+                yield f"{module}.weight_scale", scale
+                continue
+            if t.dtype != _STORAGE[scheme]:
+                raise CheckpointError(f"{what}: {name} is stored as {t.dtype}, which does not fit dit_quant_scheme "
+                                      f"{scheme!r} ({_STORAGE[scheme]})")
+        yield name, t

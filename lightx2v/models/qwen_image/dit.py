@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightx2v.models.plan import HookPlan
 from lightx2v.models.qwen_image.arch import QwenImageDiTConfig
 from lightx2v.models.wan.dit import RMSNorm, apply_rope, gated_add, modulate, use_fused
 from lightx2v.ops import triton as fused
@@ -298,9 +299,24 @@ def _gated_runs(x, y, mods: list[Modulation], runs: list[slice], gate: str):
 
 # --- the model ------------------------------------------------------------------------------------------------
 
+# Phases of a block (offload_granularity "phase"), in the order the block uses them: both streams' adaLN projections
+# (img_mod is called first, then txt_mod), the joint attention (every projection, the q/k norms, both outputs), the
+# two feed-forwards.
+QWEN_PHASES = (("modulation", ("img_mod", "txt_mod")), ("attention", ("attn",)), ("mlp", ("img_mlp", "txt_mlp")))
+# Used only before block 0 (norm_out and proj_out, the head, run after the blocks and stay on the device).
+QWEN_EMBEDDINGS = ("time_text_embed", "txt_norm", "img_in", "txt_in")
+
 
 class QwenImageDiT(nn.Module):
-    """The Qwen-Image MMDiT. ``attn``: an attention backend from ``lightx2v.ops.attention``."""
+    """The Qwen-Image MMDiT. ``attn``: an attention backend from ``lightx2v.ops.attention``.
+
+    Hooks (``hook_plan``): offload streams ``transformer_blocks`` (per block or per phase) and the embeddings;
+    fp8/int8 quantization replaces every Linear of the blocks (the adaLN projections included, as LightX2V's
+    quantized Qwen-Image checkpoints hold them); LoRA files name the release's parameters, which are ours.
+    """
+
+    hook_plan = HookPlan(blocks="transformer_blocks", phases=QWEN_PHASES, embeddings=QWEN_EMBEDDINGS,
+                         quantize_prefixes=("transformer_blocks.",))
 
     def __init__(self, cfg: QwenImageDiTConfig, attn: AttentionBackend):
         super().__init__()
@@ -320,7 +336,9 @@ class QwenImageDiT(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.img_in.weight.device
+        """Where the model computes: the head's device (block/phase offload keeps the head there while it streams
+        the embeddings and blocks from host memory)."""
+        return self.proj_out.weight.device
 
     def rope(self, image_shapes: Sequence[ImageShape], txt_len: int) -> RopeTables:
         """The RoPE tables for these images and this many text tokens (reuse them across the steps)."""

@@ -27,9 +27,10 @@ Everything follows the reference pipelines (diffusers 0.42.1) for the same reque
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ class QwenImageRequest:
     enable_cfg: bool = True
     sample_shift: float | None = None
     images: tuple = ()
+    # LightX2V's ``aspect_ratios``: {name: [width, height]} on top of (and overriding) ``arch.ASPECT_RATIOS``
+    aspect_ratios: Mapping[str, tuple[int, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -92,9 +95,11 @@ class QwenImageRequest:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < SIZE_MULTIPLE or v % SIZE_MULTIPLE):
                 raise UserError(f"{name}={v!r} must be a positive multiple of {SIZE_MULTIPLE}")
-        if self.aspect_ratio is not None and self.aspect_ratio not in ASPECT_RATIOS:
+        if self.aspect_ratios is not None:
+            object.__setattr__(self, "aspect_ratios", check_aspect_ratios(self.aspect_ratios))
+        if self.aspect_ratio is not None and self.aspect_ratio not in self.ratio_table():
             raise UserError(f"aspect_ratio={self.aspect_ratio!r} is not known; allowed: "
-                            f"{', '.join(ASPECT_RATIOS)}")
+                            f"{', '.join(self.ratio_table())}")
         if not _is_int(self.infer_steps) or self.infer_steps < 1:
             raise UserError(f"infer_steps={self.infer_steps!r} must be an integer >= 1")
         g = self.guidance_scale
@@ -117,6 +122,25 @@ class QwenImageRequest:
     @property
     def do_cfg(self) -> bool:
         return self.enable_cfg and self.guidance_scale > 1.0
+
+    def ratio_table(self) -> dict[str, tuple[int, int]]:
+        """aspect-ratio name -> (width, height): the release's table with this request's ``aspect_ratios`` on top."""
+        return {**ASPECT_RATIOS, **(self.aspect_ratios or {})}
+
+
+def check_aspect_ratios(table) -> dict[str, tuple[int, int]]:
+    """Validate LightX2V's ``aspect_ratios`` ({name: [width, height]}, sides multiples of 16) -> a plain dict."""
+    if not isinstance(table, Mapping):
+        raise UserError(f"aspect_ratios must map names to [width, height], got {table!r}")
+    out = {}
+    for name, wh in table.items():
+        ok = isinstance(wh, (list, tuple)) and len(wh) == 2 and all(
+            _is_int(v) and v >= SIZE_MULTIPLE and v % SIZE_MULTIPLE == 0 for v in wh)
+        if not isinstance(name, str) or not ok:
+            raise UserError(f"aspect_ratios[{name!r}] must be [width, height], multiples of {SIZE_MULTIPLE}, got "
+                            f"{wh!r}")
+        out[name] = (int(wh[0]), int(wh[1]))
+    return out
 
 
 @dataclass(frozen=True)
@@ -224,7 +248,7 @@ def output_size(request: QwenImageRequest, images: Sequence, resolution: int = D
     if request.height is not None:
         return request.height, request.width
     if request.aspect_ratio is not None or not images:
-        w, h = ASPECT_RATIOS[request.aspect_ratio or DEFAULT_ASPECT_RATIO]
+        w, h = request.ratio_table()[request.aspect_ratio or DEFAULT_ASPECT_RATIO]
         return h, w
     iw, ih = images[-1].size
     w, h = calculate_dimensions(resolution * resolution, iw / ih)
@@ -318,7 +342,10 @@ class QwenImageEncoder:
 
             self.vae = make_vae(self.root, "encoder", device=device, dtype=dtype, options=self.options)
 
-    def encode(self, request: QwenImageRequest) -> QwenImageEncoded:
+    def encode(self, request: QwenImageRequest,
+               stage: Callable[[str], contextlib.AbstractContextManager] | None = None) -> QwenImageEncoded:
+        """``stage(name)``: a context manager wrapped around the "text encode" and "VAE encode" work (timings)."""
+        stage = stage or (lambda name: contextlib.nullcontext())
         opts = self.options
         if request.task == "i2i" and self.vae is None:
             raise UserError(f"task i2i needs an edit checkpoint (Qwen-Image-Edit*), but {self.root} is a "
@@ -332,16 +359,20 @@ class QwenImageEncoder:
         height, width = output_size(request, [p[0] for p in prepared], opts.resolution)
         cond_images = [p[1] for p in prepared]
 
-        prompt_embeds = self.text_encoder.encode(request.prompt, fmt, cond_images)
-        negative = self.text_encoder.encode(request.negative_prompt, fmt, cond_images) if request.do_cfg else None
+        with stage("text encode"):
+            prompt_embeds = self.text_encoder.encode(request.prompt, fmt, cond_images)
+            negative = self.text_encoder.encode(request.negative_prompt, fmt, cond_images) if request.do_cfg \
+                else None
 
         sf = self.vae_config.spatial_factor * PACK
         shapes = [(1, height // sf, width // sf)]
         latents = []
-        for _, _, tensor, (vh, vw) in prepared:
-            z = self.vae.encode(tensor.to(self.device))  # [1, 16, vh/8, vw/8] normalised
-            latents.append(pack_latents(z.float()))
-            shapes.append((1, vh // sf, vw // sf))
+        if prepared:
+            with stage("VAE encode"):
+                for _, _, tensor, (vh, vw) in prepared:
+                    z = self.vae.encode(tensor.to(self.device))  # [1, 16, vh/8, vw/8] normalised
+                    latents.append(pack_latents(z.float()))
+                    shapes.append((1, vh // sf, vw // sf))
         image_latents = torch.cat(latents, dim=1) if latents else None
         z_dim, s = self.vae_config.z_dim, self.vae_config.spatial_factor
         return QwenImageEncoded(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative,
@@ -352,16 +383,24 @@ class QwenImageEncoder:
 class QwenImageTransformer:
     """The MMDiT and the scheduler: QwenImageEncoded -> denoised latents."""
 
-    def __init__(self, model_path, device="cpu", dtype: torch.dtype = torch.float32, options=None) -> None:
+    def __init__(self, model_path, device="cpu", dtype: torch.dtype = torch.float32, options=None, *,
+                 quant_scheme: str | None = None, load_device=None, dit=None) -> None:
+        """``quant_scheme``: "fp8" / "int8" block linears (see ``checkpoint.load_dit``); ``load_device``: where the
+        DiT's weights are put (default ``device``; the CPU when an offload hook streams them to ``device``);
+        ``dit``: an already built DiT (then neither of the two is used)."""
         from lightx2v.ops.attention import get_attention_backend
 
         self.root = model_root(model_path)
         self.options = _options(options)
         self.device, self.dtype = torch.device(device), dtype
-        cfg = read_dit_config(self.root)
-        attn = get_attention_backend(self.options.attn_mode, dtype=dtype, head_dim=cfg.head_dim, device=self.device)
-        self.dit = load_dit(self.root, attn=attn, device=device, dtype=dtype,
-                            weights_file=self.options.dit_original_ckpt)
+        if dit is None:
+            cfg = read_dit_config(self.root)
+            attn = get_attention_backend(self.options.attn_mode, dtype=dtype, head_dim=cfg.head_dim,
+                                         device=self.device)
+            dit = load_dit(self.root, attn=attn, device=load_device or device, dtype=dtype,
+                           weights_file=self.options.dit_original_ckpt, quant_scheme=quant_scheme,
+                           copy_mapped=self.device.type == "cpu")
+        self.dit = dit
         self.scheduler_config = read_scheduler_config(self.root)
 
     def initial_noise(self, latent_shape, seed: int) -> torch.Tensor:

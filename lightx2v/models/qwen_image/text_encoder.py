@@ -218,6 +218,17 @@ def _load_image_processor(folder: Path):
         raise CheckpointError(f"cannot load the image processor in {folder}: {e}") from e
 
 
+def read_text_hidden_size(model_dir: str | Path) -> int:
+    """The width of the text encoder's embeddings (what the DiT's ``joint_attention_dim`` must be), read from
+    ``text_encoder/config.json`` without loading it (transformers 5 nests it in ``text_config``)."""
+    path = Path(model_dir) / TEXT_ENCODER_DIR / "config.json"
+    raw = read_json(path, "text encoder config")
+    size = (raw.get("text_config") or {}).get("hidden_size", raw.get("hidden_size"))
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise CheckpointError(f"{path}: no hidden_size (text_config.hidden_size) in the text encoder config")
+    return size
+
+
 def load_text_encoder(model_dir: str | Path, *, with_images: bool = False, device="cpu",
                       dtype: torch.dtype = torch.float32) -> QwenImageTextEncoder:
     """Qwen2.5-VL from ``text_encoder/`` (strict: every tensor but the unused ``lm_head.weight`` is checked and

@@ -14,7 +14,6 @@ tokens (``<|im_start|>``, ``<|image_pad|>``, ...).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,7 +24,7 @@ from lightx2v.models.qwen_image.arch import VARIANTS, QwenImageDiTConfig, QwenIm
 from lightx2v.models.qwen_image.text_encoder import (EDIT_TEMPLATE, PROCESSOR_DIR, T2I_TEMPLATE, TEXT_ENCODER_DIR,
                                                      TOKENIZER_DIR)
 
-TINY_VERSION = 1
+TINY_VERSION = 2  # bump when the tiny model (or its lightx2v_defaults.json) changes: cached copies are rewritten
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 _CORPUS = (T2I_TEMPLATE, EDIT_TEMPLATE, "Picture 1: Picture 2: Picture 3: ",
@@ -39,6 +38,10 @@ TINY_VAE = QwenImageVAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=
 # tower instead of the release's 1024**2 / 384**2).
 TINY_DEFAULTS = {"height": 128, "width": 128, "infer_steps": 8, "guidance_scale": 4.0}
 TINY_OPTIONS = {"vae_image_size": 256 * 256, "condition_image_size": 128 * 128, "resolution": 128}
+# LightX2V's aspect-ratio names at tiny sizes (the release's ratios, roughly; multiples of 16)
+TINY_ASPECT_RATIOS = {"16:9": (160, 96), "9:16": (96, 160), "1:1": (128, 128), "4:3": (128, 96), "3:4": (96, 128),
+                      "3:2": (144, 96), "2:3": (96, 144)}
+DEFAULTS_FILE = "lightx2v_defaults.json"  # the engine reads a model folder's defaults from it
 PIPELINES = {"t2i": "QwenImagePipeline", "edit": "QwenImageEditPipeline", "edit_plus": "QwenImageEditPlusPipeline"}
 
 
@@ -114,19 +117,31 @@ def make_prompt_matter_(dit: torch.nn.Module, factor: float = 4.0) -> torch.nn.M
     return dit
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LIGHTX2V_CACHE_DIR") or Path.home() / ".cache" / "lightx2v")
+def engine_defaults(variant: str = "t2i") -> dict:
+    """The config keys of the tiny model's ``lightx2v_defaults.json`` (the engine's "defaults" tier: a config JSON
+    and arguments still win): few steps, the aspect-ratio names at tiny sizes, and for the edit variants the small
+    image areas of ``TINY_OPTIONS`` (LightX2V's key ``CONDITION_IMAGE_SIZE`` for the vision tower's)."""
+    out = {"infer_steps": TINY_DEFAULTS["infer_steps"], "guidance_scale": TINY_DEFAULTS["guidance_scale"],
+           "aspect_ratios": {k: list(v) for k, v in TINY_ASPECT_RATIOS.items()}}
+    if variant != "t2i":
+        out.update(vae_image_size=TINY_OPTIONS["vae_image_size"],
+                   CONDITION_IMAGE_SIZE=TINY_OPTIONS["condition_image_size"], resolution=TINY_OPTIONS["resolution"])
+    return out
 
 
 def ensure_tiny_model(variant: str = "t2i", root: Path | None = None) -> Path:
-    """The folder of the tiny model of ``variant`` (t2i, edit, edit_plus), written first if needed."""
-    folder = (root or cache_root()) / f"tiny-qwen-image-{variant}-v{TINY_VERSION}"
+    """The folder of the tiny model of ``variant`` (t2i, edit, edit_plus), written first if needed (atomically:
+    written aside, then renamed), with its :func:`engine_defaults` in ``lightx2v_defaults.json``."""
+    from lightx2v.loading import cache_root
+
+    folder = Path(root or cache_root()) / f"tiny-qwen-image-{variant}-v{TINY_VERSION}"
     if (folder / "COMPLETE").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
     try:
         write_tiny_model(tmp, variant)
+        (tmp / DEFAULTS_FILE).write_text(json.dumps(engine_defaults(variant), indent=2) + "\n")
         (tmp / "COMPLETE").write_text("ok\n")
         try:
             tmp.rename(folder)

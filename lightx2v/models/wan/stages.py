@@ -299,8 +299,8 @@ class WanTransformer:
                 if cache is not None:
                     cache.set_branch(branches[0])
                 return dit(x, t, contexts[0], clip)
-            n = len(contexts)
-            return dit(torch.cat([x] * n), t.expand(n, *t.shape[1:]), torch.cat(contexts),
+            n = len(contexts)  # t: [1] or [B] (a batch of requests), [1, F] (TI2V): one copy per branch
+            return dit(torch.cat([x] * n), torch.cat([t] * n), torch.cat(contexts),
                        None if clip is None else torch.cat([clip] * n))
 
         return self.guidance(predict, x, t, text.context, text.context_null, scale)
@@ -397,6 +397,104 @@ class WanTransformer:
         if images and images[-1].mode == "first_frame":  # the conditioning frame is the image's latents
             latents = torch.cat([images[-1].latent_cond.to(latents.dtype), latents[:, :, 1:]], dim=2)
         return latents
+
+
+    # --- several requests as one batch (a server's queue) -----------------------------------------------------
+
+    def batch_blocker(self, cond: WanConditioning) -> str | None:
+        """Why this request cannot share a batch through :meth:`call_batch` (None: it can)."""
+        if any(e.cache is not None for e in self.experts):
+            return "feature caching keeps per-request state"
+        if cond.request.get("loras") is not None:
+            return "per-request LoRAs"
+        if len(cond.latent_shapes) != 1:
+            return "changing_resolution"
+        if any(image.mode == "first_frame" for image in cond.images):
+            return "first-frame conditioning (one timestep per latent frame)"
+        return None
+
+    @torch.inference_mode()
+    def call_batch(self, conds: list[WanConditioning], ctxs: list[RunContext]) -> list:
+        """Denoise several requests of equal sampling settings and latent shape as one batch through the DiT.
+
+        Each request keeps what makes it itself: its noise from its own seed ([1, z, T, h, w], drawn as
+        :meth:`denoise` draws it), its text (and image) conditioning, its own scheduler (the solver's history is per
+        request), its progress reports and its cancel token. The DiT sees the latents of the B requests stacked
+        ([B, z, T, h, w]) with their contexts ([B, text_len, text_dim]); guidance (equal for all, as the sampling
+        settings are) combines each request's own cond/uncond predictions. A request cancelled between steps leaves
+        the batch at that step; the others go on. Returns, per request, its :class:`WanLatents` or the
+        :class:`lightx2v.errors.Cancelled` that stopped it. Each result equals the request's run alone up to the
+        float rounding of a larger matmul.
+        """
+        from lightx2v.errors import Cancelled
+
+        if len(conds) != len(ctxs) or not conds:
+            raise ValueError("call_batch needs one RunContext per conditioning")
+        first = conds[0]
+        for cond in conds:
+            self._check_message(cond)
+            blocker = self.batch_blocker(cond)
+            if blocker is not None:
+                raise ValueError(f"request {cond.request['request_id']} cannot be batched: {blocker}")
+            if cond.request["sampling"] != first.request["sampling"] or cond.latent_shapes != first.latent_shapes \
+                    or len(cond.images) != len(first.images) or cond.request["task"] != first.request["task"]:
+                raise ValueError("call_batch needs requests of equal task, sampling settings and latent shape")
+            if (cond.text.context_null is None) != (first.text.context_null is None):
+                raise ValueError("call_batch needs requests that all use CFG or none")
+        s = SamplingConfig.from_dict(first.request["sampling"])
+        shape = tuple(first.latent_shapes[0])
+        results: list = [None] * len(conds)
+        active = list(range(len(conds)))
+        latents = torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(c.request["seed"]),
+                                         dtype=torch.float32) for c in conds]).to(self.device)
+        schedulers = [self.scheduler(s, s.sample_shift) for _ in conds]
+
+        def batched(idx: list[int]) -> tuple[TextEmbeds, ImageCond | None]:
+            text = TextEmbeds(torch.cat([conds[k].text.context for k in idx]),
+                              None if first.text.context_null is None
+                              else torch.cat([conds[k].text.context_null for k in idx]))
+            if not first.images:
+                return text, None
+            images = [conds[k].images[0] for k in idx]
+            clip = None if images[0].clip_tokens is None else torch.cat([im.clip_tokens for im in images])
+            return text, ImageCond(clip, torch.cat([im.latent_cond for im in images]), images[0].mode)
+
+        text, image = batched(active)
+        with contextlib.ExitStack() as timed:
+            for ctx in ctxs:
+                timed.enter_context(ctx.stage("denoise"))
+            with contextlib.ExitStack() as resident:
+                current = None
+                host_timesteps = schedulers[0].timesteps.tolist()
+                for i in range(s.infer_steps):
+                    t = schedulers[0].timesteps[i].reshape(1).expand(len(active))  # [B]
+                    expert = self.expert_for(i, host_timesteps[i], s)
+                    if expert is not current:
+                        resident.close()
+                        if expert.offload is not None:
+                            resident.enter_context(expert.offload.resident())
+                        current = expert
+                    v = self.velocity(latents, t, text, image, s, expert)  # [B, z, T, h, w]
+                    latents = torch.cat([schedulers[k].step(v[j:j + 1], latents[j:j + 1])
+                                         for j, k in enumerate(active)])
+                    del v
+                    keep = []
+                    for j, k in enumerate(active):
+                        try:
+                            ctxs[k].step("denoise", i + 1, s.infer_steps)
+                            keep.append(j)
+                        except Cancelled as e:
+                            results[k] = e
+                    if len(keep) < len(active):
+                        active = [active[j] for j in keep]
+                        if not active:
+                            break
+                        latents = latents[keep]
+                        text, image = batched(active)
+        for j, k in enumerate(active):
+            results[k] = WanLatents(conds[k].request, latents[j:j + 1], conds[k].fps)
+        self.last_cache_stats, self.last_stats = None, {}
+        return results
 
 
 def check_expert_settings(s: SamplingConfig, n_experts: int) -> None:

@@ -151,8 +151,9 @@ _BACKENDS: dict[str, AttentionBackend] = {
                                         needs_cuda=True, min_capability=(9, 0), available=flash_attn3_available,
                                         head_dim_multiple=8, kind=APPROXIMATE,
                                         missing_hint=" (FlashAttention 3: flash_attn_interface, or the fa3-fwd wheel)"),
+    # cuDNN's FP8 SDPA with a bf16/fp16 output runs on Blackwell only (cuDNN 9.19 declines it on an H200, sm_90)
     "cudnn_sdpa_fp8": AttentionBackend("cudnn_sdpa_fp8", CudnnSdpa(fp8=True), _HALF, max_head_dim=256,
-                                       needs_cuda=True, min_capability=(9, 0), available=cudnn_frontend_available,
+                                       needs_cuda=True, min_capability=(10, 0), available=cudnn_frontend_available,
                                        requires=_cudnn_fp8_requires, head_dim_multiple=16, kind=APPROXIMATE,
                                        missing_hint=" (pip install nvidia-cudnn-frontend)"),
     # Radial Attention's block mask through flex_attention (lightx2v/ops/attention/radial.py); needs the token grid

@@ -367,8 +367,10 @@ def build_config(defaults: dict[str, Any], json_values: dict[str, Any], override
         offload = _replace(offload, num_prefetch=off["num_prefetch"])
     per_section: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
     own: dict[str, Any] = {}  # the family's keys
+    # a key the family's own section declares is the family's (it may handle a generic key its own way)
+    taken = {f.name for f in fields(family.config_section)} if family is not None and family.config_section else set()
     for key, value in merged.items():
-        if key in _KEY_TO_SECTION:
+        if key in _KEY_TO_SECTION and key not in taken:
             per_section[_KEY_TO_SECTION[key]][key] = value
         else:
             own[key] = value

@@ -26,7 +26,7 @@ SMALL = dict(height=32, width=48, num_frames=5, infer_steps=3)
 
 
 def _gen(pipe, seed=1, prompt="a cat", **kw):
-    return pipe.generate(seed=seed, prompt=prompt, return_result_tensor=True, progress=False, **kw)[1]
+    return pipe.generate(seed=seed, prompt=prompt, return_result_tensor=True, progress=False, **kw)["video"]
 
 
 def _image(color=(200, 30, 60), size=(60, 40)):

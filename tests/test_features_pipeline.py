@@ -11,7 +11,7 @@ SMALL = dict(height=32, width=48, num_frames=5, infer_steps=6)
 
 
 def _frames(pipe, seed=1):
-    return pipe.generate(seed=seed, prompt="a cat", return_result_tensor=True, progress=False)[1]
+    return pipe.generate(seed=seed, prompt="a cat", return_result_tensor=True, progress=False)["video"]
 
 
 @pytest.fixture(scope="module")

@@ -84,10 +84,16 @@ def test_bad_step_lists(bad):
         build_config({}, {"denoising_step_list": bad}, {})
 
 
-def test_step_count_must_agree():
-    with pytest.raises(UserError, match="infer_steps=10 does not match"):
-        build_config({}, {"denoising_step_list": [1000, 500]}, {"infer_steps": 10})
+def test_the_step_list_fixes_the_step_count():
+    """As LightX2V's step-distill schedulers (infer_steps = len(denoising_step_list)): a config's other
+    infer_steps is ignored, with a note; a request that asks for both at odds is refused."""
+    cfg = build_config({}, {"denoising_step_list": [1000, 500]}, {"infer_steps": 10})
+    assert cfg.sampling.infer_steps == 2 and any("infer_steps=10 ignored" in n for n in cfg.notes)
     assert build_config({}, {"denoising_step_list": [1000, 500]}, {}).sampling.infer_steps == 2
+    from dataclasses import replace
+
+    with pytest.raises(UserError, match="infer_steps=10 does not match"):
+        replace(cfg.sampling, infer_steps=10)
     with pytest.raises(UserError, match="sample_solver"):
         build_config({}, {"denoising_step_list": [1000, 500], "sample_solver": "euler"}, {})
 
@@ -103,10 +109,10 @@ def test_wan21_distill_runs_four_cfg_free_forwards():
     s = pipe.config.sampling
     assert s.denoising_step_list == (1000, 750, 500, 250) and s.infer_steps == 4 and not s.do_cfg
     calls = _count_forwards(pipe)
-    _, a = pipe.generate(seed=1, prompt="a cat", return_result_tensor=True, progress=False)
+    a = pipe.generate(seed=1, prompt="a cat", return_result_tensor=True, progress=False)["video"]
     assert len(calls) == 4
-    _, b = pipe.generate(seed=1, prompt="a cat", return_result_tensor=True, progress=False)
-    _, c = pipe.generate(seed=2, prompt="a cat", return_result_tensor=True, progress=False)
+    b = pipe.generate(seed=1, prompt="a cat", return_result_tensor=True, progress=False)["video"]
+    c = pipe.generate(seed=2, prompt="a cat", return_result_tensor=True, progress=False)["video"]
     assert torch.equal(a, b) and (a - c).abs().max() > 0.05
 
 
@@ -119,8 +125,8 @@ def test_dit_original_ckpt_replaces_the_dit_weights(tmp_path):
     base = LightX2VPipeline().create_generator(**SMALL, infer_steps=3)
     other = LightX2VPipeline().create_generator(**SMALL, infer_steps=3, dit_original_ckpt=str(distilled))
     assert torch.equal(other.runner.transformer.dit.blocks[0].ffn[0].weight, sd["blocks.0.ffn.0.weight"])
-    _, a = base.generate(seed=1, prompt="x", return_result_tensor=True, progress=False)
-    _, b = other.generate(seed=1, prompt="x", return_result_tensor=True, progress=False)
+    a = base.generate(seed=1, prompt="x", return_result_tensor=True, progress=False)["video"]
+    b = other.generate(seed=1, prompt="x", return_result_tensor=True, progress=False)["video"]
     assert (a - b).abs().max() > 1e-3
     sd.pop("head.head.bias")
     save_file(sd, str(tmp_path / "broken.safetensors"))
@@ -135,13 +141,13 @@ def test_changing_resolution_t2v():
     pipe = LightX2VPipeline().create_generator(**kw, changing_resolution=True, resolution_rate=[0.5],
                                                changing_resolution_steps=[2])
     calls = _count_forwards(pipe)
-    _, a = pipe.generate(seed=1, prompt="a cat", return_result_tensor=True, progress=False)
+    a = pipe.generate(seed=1, prompt="a cat", return_result_tensor=True, progress=False)["video"]
     # CFG: 2 forwards per step; 2 steps on 4x4 latents (half of 8x8), then 2 at full size
     assert [c[-2:] for c in calls] == [(4, 4)] * 4 + [(8, 8)] * 4
     assert a.shape == (5, 64, 64, 3)
-    _, b = pipe.generate(seed=1, prompt="a cat", return_result_tensor=True, progress=False)
+    b = pipe.generate(seed=1, prompt="a cat", return_result_tensor=True, progress=False)["video"]
     plain = LightX2VPipeline().create_generator(**kw)
-    _, c = plain.generate(seed=1, prompt="a cat", return_result_tensor=True, progress=False)
+    c = plain.generate(seed=1, prompt="a cat", return_result_tensor=True, progress=False)["video"]
     assert torch.equal(a, b) and (a - c).abs().max() > 0.05
 
 
@@ -152,7 +158,7 @@ def test_changing_resolution_i2v_conditions_each_stage(tmp_path):
     pipe = LightX2VPipeline(task="i2v").create_generator(height=64, width=64, num_frames=5, infer_steps=3,
                                                          changing_resolution=True, changing_resolution_steps=[1])
     calls = _count_forwards(pipe)
-    _, a = pipe.generate(seed=1, prompt="x", image_path=img, return_result_tensor=True, progress=False)
+    a = pipe.generate(seed=1, prompt="x", image_path=img, return_result_tensor=True, progress=False)["video"]
     # 0.75 of 8 -> 6 (even); 36 input channels at both sizes
     assert [c[1] for c in calls] == [36] * 6 and [c[-1] for c in calls] == [6, 6, 8, 8, 8, 8]
     assert a.shape == (5, 64, 64, 3)

@@ -35,8 +35,8 @@ def _ours(model_dir, first, last):
     pipe = LightX2VPipeline(model_path=model_dir, model_cls="wan2.1", task="flf2v")
     pipe.create_generator(device="cpu", sample_shift=FLOW_SHIFT, height=H, width=W, num_frames=F, infer_steps=STEPS,
                           guidance_scale=5.0)
-    _, frames = pipe.generate(seed=5, prompt="a cat", negative_prompt="", image_path=first, last_frame_path=last,
-                              return_result_tensor=True, progress=False)
+    frames = pipe.generate(seed=5, prompt="a cat", negative_prompt="", image_path=first, last_frame_path=last,
+                              return_result_tensor=True, progress=False)["video"]
     return frames, pipe
 
 

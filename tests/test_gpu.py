@@ -16,12 +16,12 @@ def test_tiny_pipeline_bf16_gpu_close_to_fp32_cpu_and_deterministic():
     kw = dict(height=64, width=64, num_frames=9, infer_steps=8)
     gpu = LightX2VPipeline().create_generator(device="cuda", **kw)
     assert gpu.runner.dtype == torch.bfloat16
-    _, a = gpu.generate(seed=3, prompt="a cat", return_result_tensor=True, progress=False)
-    _, b = gpu.generate(seed=3, prompt="a cat", return_result_tensor=True, progress=False)
+    a = gpu.generate(seed=3, prompt="a cat", return_result_tensor=True, progress=False)["video"]
+    b = gpu.generate(seed=3, prompt="a cat", return_result_tensor=True, progress=False)["video"]
     assert torch.equal(a, b)  # same seed, same device: same video
     cpu = LightX2VPipeline().create_generator(device="cpu", **kw)
-    _, ref = cpu.generate(seed=3, prompt="a cat", return_result_tensor=True, progress=False)
-    _, other = cpu.generate(seed=4, prompt="a cat", return_result_tensor=True, progress=False)
+    ref = cpu.generate(seed=3, prompt="a cat", return_result_tensor=True, progress=False)["video"]
+    other = cpu.generate(seed=4, prompt="a cat", return_result_tensor=True, progress=False)["video"]
     assert _rel(a, ref) < 0.05 < _rel(other, ref)
 
 

@@ -51,7 +51,7 @@ def i2v(tmp_path_factory):
 
 
 def run(pipe, **kw):
-    return pipe.generate(return_result_tensor=True, progress=False, **kw)[1]
+    return pipe.generate(return_result_tensor=True, progress=False, **kw)["video"]
 
 
 def test_t2v_equals_the_family_and_diffusers(t2v):

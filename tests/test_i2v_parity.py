@@ -44,8 +44,8 @@ def ours(model_dir, task, image, last=None, seed=11, **kw):
     pipe = LightX2VPipeline(model_path=model_dir, model_cls="wan2.1", task=task)
     pipe.create_generator(device="cpu", sample_shift=FLOW_SHIFT, height=H, width=W, num_frames=F, infer_steps=STEPS,
                           guidance_scale=5.0, **kw)
-    _, frames = pipe.generate(seed=seed, prompt=PROMPT, negative_prompt=NEG, image_path=image, last_frame_path=last,
-                              return_result_tensor=True, progress=False)
+    frames = pipe.generate(seed=seed, prompt=PROMPT, negative_prompt=NEG, image_path=image, last_frame_path=last,
+                              return_result_tensor=True, progress=False)["video"]
     return frames
 
 

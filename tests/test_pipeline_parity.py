@@ -24,8 +24,8 @@ def reference(pipe, prompt=PROMPT, seed=7, steps=REQ["infer_steps"]):
 def ours(model_dir, prompt=PROMPT, seed=7, **kw):
     pipe = LightX2VPipeline(model_path=model_dir, model_cls="wan2.1", task="t2v")
     pipe.create_generator(device="cpu", sample_shift=FLOW_SHIFT, **{**REQ, **kw})
-    _, frames = pipe.generate(seed=seed, prompt=prompt, negative_prompt=NEG, return_result_tensor=True,
-                              progress=False)
+    frames = pipe.generate(seed=seed, prompt=prompt, negative_prompt=NEG, return_result_tensor=True,
+                              progress=False)["video"]
     return frames
 
 

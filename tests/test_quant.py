@@ -85,7 +85,7 @@ def test_dit_quantized_at_load_and_prequantized(tmp_path, scheme):
 def test_pipeline_with_quant_scheme():
     pipe = LightX2VPipeline().create_generator(height=32, width=32, num_frames=5, infer_steps=3,
                                                dit_quant_scheme="fp8-vllm")
-    _, frames = pipe.generate(seed=1, prompt="a cat", return_result_tensor=True, progress=False)
+    frames = pipe.generate(seed=1, prompt="a cat", return_result_tensor=True, progress=False)["video"]
     assert torch.isfinite(frames).all()
     with pytest.raises(UserError, match="dit_quant_scheme='w4a4'"):
         LightX2VPipeline().create_generator(dit_quant_scheme="w4a4")

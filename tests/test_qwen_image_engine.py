@@ -71,7 +71,7 @@ def _ref(pipe, **kw):
 
 
 def _gen(pipe, **kw):
-    return pipe.generate(return_result_tensor=True, progress=False, **kw)[1]
+    return pipe.generate(return_result_tensor=True, progress=False, **kw)["video"]
 
 
 def _max(a, b) -> float:

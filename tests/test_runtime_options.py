@@ -14,7 +14,7 @@ SMALL = dict(height=32, width=48, num_frames=5, infer_steps=4)
 
 
 def _frames(pipe, **kw):
-    return pipe.generate(seed=1, prompt="a cat", return_result_tensor=True, progress=False, **kw)[1]
+    return pipe.generate(seed=1, prompt="a cat", return_result_tensor=True, progress=False, **kw)["video"]
 
 
 def test_cfg_batch_matches_two_forwards():

@@ -194,7 +194,7 @@ def test_100_concurrent_submissions(server, http, direct, tmp_path):
     for i in (batched[0], batched[len(batched) // 2], batched[-1]):
         served = decode_video(http.get(f"/v1/tasks/{accepted[i]}/result").content, tmp_path)
         ref_path = direct.generate(seed=1000 + i, prompt=f"prompt {i % 7}", infer_steps=1, height=32, width=32,
-                                   num_frames=5, save_result_path=str(tmp_path / f"ref{i}.mp4"), progress=False)
+                                   num_frames=5, save_result_path=str(tmp_path / f"ref{i}.mp4"), progress=False).path
         ref = decode_video(open(ref_path, "rb").read(), tmp_path)
         # the batch's float rounding (GEMMs of another row count: ~1e-6 in the latents) may flip uint8 values before
         # H.264, whose mode decisions then differ locally: measured up to 0.66/255 mean; another seed is > 10/255 away

@@ -1,6 +1,8 @@
 """Wan2.2: the A14B two-expert models (T2V, I2V without CLIP) and the TI2V-5B DiT's per-frame timesteps,
 against diffusers (tiny random-weight models, CPU, float32)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -44,13 +46,13 @@ def reference(pipe, guidance=(4.0, 3.0), seed=7, **kw):
     return torch.from_numpy(np.asarray(out.frames[0]))
 
 
-def ours(model_dir, task="t2v", guidance=(4.0, 3.0), seed=7, image=None, model_cls="wan2.2_moe", **kw):
+def ours(model_dir, task="t2v", guidance=(4.0, 3.0), seed=7, image=None, model_cls="wan2.2_moe", last=None, **kw):
     pipe = LightX2VPipeline(model_path=model_dir, model_cls=model_cls, task=task)
     kw = {"sample_shift": FLOW_SHIFT, "height": H, "width": W, "num_frames": F, "infer_steps": STEPS,
           "guidance_scale": list(guidance), **kw}
     pipe.create_generator(device="cpu", **kw)
-    _, frames = pipe.generate(seed=seed, prompt=PROMPT, negative_prompt=NEG, image_path=image,
-                              return_result_tensor=True, progress=False)
+    frames = pipe.generate(seed=seed, prompt=PROMPT, negative_prompt=NEG, image_path=image, last_frame_path=last,
+                           return_result_tensor=True, progress=False)["video"]
     return frames, pipe
 
 
@@ -96,6 +98,18 @@ def test_a14b_i2v_matches_diffusers(moe_i2v, tmp_path):
     assert (ours(wan, "i2v", guidance=(3.5, 2.0), image=img)[0] - want).abs().max().item() <= TOL
 
 
+def test_a14b_flf2v_matches_diffusers(moe_i2v):
+    """Wan2.2 A14B first-last-frame (LightX2V's wan_moe_flf2v): the I2V experts with the last frame's latents and
+    mask at the end, as diffusers' WanImageToVideoPipeline(last_image=...)."""
+    model_dir, pipe = moe_i2v
+    first, last = picture(W, H, 0), picture(W, H, 1)
+    want = reference(pipe, guidance=(3.5, 2.0), image=first, last_image=last)
+    got, _ = ours(model_dir, "flf2v", guidance=(3.5, 2.0), image=first, last=last)
+    assert (got - want).abs().max().item() <= TOL
+    without, _ = ours(model_dir, "i2v", guidance=(3.5, 2.0), image=first)
+    assert (without - want).abs().max().item() > 10 * TOL  # the last frame matters
+
+
 def test_a14b_offload_and_default_boundary(moe_t2v):
     """Offloaded experts give the same video; the boundary defaults to 0.875 for T2V (0.9 for I2V)."""
     model_dir, _ = moe_t2v
@@ -112,7 +126,7 @@ def test_a14b_offload_and_default_boundary(moe_t2v):
     for me, other in ((experts[0], experts[1]), (experts[1], experts[0])):
         me.dit.register_forward_pre_hook(lambda m, a, me=me, other=other: seen.append(
             (me.index, len(me.offload.resident_blocks()) > 0, other.offload.resident_blocks())))
-    _, frames = pipe.generate(seed=7, prompt=PROMPT, negative_prompt=NEG, return_result_tensor=True, progress=False)
+    frames = pipe.generate(seed=7, prompt=PROMPT, negative_prompt=NEG, return_result_tensor=True, progress=False)["video"]
     assert torch.equal(frames, plain)
     assert {i for i, _, _ in seen} == {0, 1} and all(mine and not other for _, mine, other in seen)
     assert [i for i, _, _ in seen] == sorted(i for i, _, _ in seen)  # high first, then low: one switch
@@ -125,17 +139,25 @@ def test_model_class_must_fit(moe_t2v, tiny_diffusers_t2v):
         LightX2VPipeline(model_path=tiny_diffusers_t2v[0], model_cls="wan2.2_moe",
                          task="t2v").create_generator(device="cpu")
     with pytest.raises(UserError, match="does not do task"):
-        LightX2VPipeline(model_path=moe_t2v[0], model_cls="wan2.2_moe", task="flf2v")
+        LightX2VPipeline(model_cls="wan2.2", task="flf2v")
+    with pytest.raises(UserError, match="does not fit the checkpoint"):  # A14B FLF2V needs the I2V experts
+        LightX2VPipeline(model_path=moe_t2v[0], model_cls="wan2.2_moe", task="flf2v").check_generator(device="cpu")
     with pytest.raises(UserError, match="guidance_scale"):
         ours(moe_t2v[0], guidance=(1.0, 2.0, 3.0))
     one = LightX2VPipeline(model_path=tiny_diffusers_t2v[0], model_cls="wan2.1", task="t2v")
     for bad in ({"guidance_scale": [4.0, 3.0]}, {"boundary": 0.9}, {"boundary_step_index": 1}):
         with pytest.raises(UserError, match="this model has one DiT"):
             one.create_generator(device="cpu", **bad)
-    with pytest.raises(UserError, match="step-distilled"):
-        ours(moe_t2v[0], boundary_step_index=2)
-    with pytest.raises(UserError, match="either boundary or boundary_step_index"):
-        LightX2VPipeline(model_cls="wan2.2_moe_distill", task="t2v").create_generator(device="cpu", boundary=0.9)
+    # the key the model class's LightX2V runner does not read is ignored, with a note (as LightX2V ignores it)
+    cfg = LightX2VPipeline(model_path=moe_t2v[0], model_cls="wan2.2_moe").check_generator(boundary_step_index=2)
+    assert cfg.sampling.boundary_step_index is None and cfg.sampling.boundary == 0.875
+    assert any(n.startswith("boundary_step_index ignored") for n in cfg.notes)
+    cfg = LightX2VPipeline(model_cls="wan2.2_moe_distill", task="t2v").check_generator(device="cpu", boundary=0.9)
+    assert cfg.sampling.boundary is None and cfg.sampling.boundary_step_index == 2
+    assert any(n.startswith("boundary ignored") for n in cfg.notes)
+    with pytest.raises(UserError, match="either boundary or boundary_step_index"):  # one request asking for both
+        LightX2VPipeline(model_cls="wan2.2_moe_distill", task="t2v").create_generator(device="cpu").generate(
+            prompt="x", boundary=0.9, return_result_tensor=True)
 
 
 def test_per_frame_timesteps_match_diffusers():
@@ -276,9 +298,10 @@ def test_tiny_ti2v_builtin(task, tmp_path):
     pipe = LightX2VPipeline(model_cls="wan2.2", task=task)
     pipe.create_generator(device="cpu", height=64, width=96, num_frames=5, infer_steps=3)
     image = picture(96, 64, 2) if task == "i2v" else None
-    path, frames = pipe.generate(seed=3, prompt="a cat", image_path=image, save_result_path=tmp_path / "o.mp4",
-                                 return_result_tensor=True, progress=False)
-    assert frames.shape == (5, 64, 96, 3) and path.is_file()
+    result = pipe.generate(seed=3, prompt="a cat", image_path=image, save_result_path=tmp_path / "o.mp4",
+                           return_result_tensor=True, progress=False)
+    frames = result["video"]
+    assert frames.shape == (5, 64, 96, 3) and Path(result.path).is_file()
     assert pipe.runner.encoder.vae_spatial == 16 and pipe.config.sampling.fps == 24
     with pytest.raises(UserError, match="divisible by 32"):
         LightX2VPipeline(model_cls="wan2.2", task=task).create_generator(device="cpu", height=48, width=96)

@@ -49,6 +49,9 @@ class ModelFamily:
     # the three stages of one process, with the checks across them (e.g. the text width fits the DiT); default:
     # each builder in turn
     build_all: Callable[[StageSpec], tuple[Any, Any, Any]] | None = None
+    # the checks build_all makes before any weight is read (the checkpoint's files and headers against the
+    # config), on their own: LightX2VPipeline.check_generator
+    check: Callable[[StageSpec], None] | None = None
     # a frozen dataclass of the config keys only this family understands (built from those keys), or None
     config_section: type | None = None
     # LightX2V keys whose value is fixed for this family: accepted only with that value
@@ -64,6 +67,9 @@ class ModelFamily:
     recognizes: Callable[[Path], bool] | None = None
     convert: Callable[[Path, Path, str, str | None], Path] | None = None
     layouts: tuple[str, ...] = ()  # the checkpoint layouts ``convert`` writes
+    # model_cls -> {config key: why}: keys LightX2V's runner of that class does not read (e.g. a step list for a
+    # model class that samples without one); a config that carries them is accepted, the key dropped with a note
+    ignored_keys: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     # (task, image_path, last_frame_path) -> the request's images (RGB PIL images), read and checked; None: the
     # generic rule (image_path for i2v / flf2v, last_frame_path for flf2v)
     read_images: Callable[[str, Any, Any], list] | None = None

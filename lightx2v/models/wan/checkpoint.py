@@ -230,32 +230,88 @@ def _has_diffusers_names(path: Path) -> bool:
     return any(k.startswith("condition_embedder.") or ".attn1." in k for k in safetensors_keys(path))
 
 
+def dit_weight_files(path: Path) -> list[Path]:
+    """The safetensors files of DiT weights named by a config key (``dit_original_ckpt``, ``dit_quantized_ckpt``,
+    the experts' ``*_noise_*_ckpt``): one ``.safetensors`` file, or a folder: a model's DiT (its
+    ``diffusion_pytorch_model`` shards), else every ``*.safetensors`` in it (LightX2V's converter writes
+    ``block_N.safetensors`` + ``non_block.safetensors``, or numbered parts)."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "transformer" if (path / "transformer").is_dir() else path
+        if any(folder.glob(f"{WAN_DIT_WEIGHTS}*.safetensors*")):
+            return safetensors_files(folder, WAN_DIT_WEIGHTS)
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"DiT weights folder {path} holds no .safetensors file")
+        return files
+    return [require_file(path, "DiT weights file")]
+
+
+def _renamer(files: list[Path]):
+    """Diffusers' names -> ours when the files use them, else strip ComfyUI's prefix."""
+    return dit_key_from_diffusers if _has_diffusers_names(files[0]) else _strip_wan_prefix
+
+
 def single_file_dit_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(wan key, tensor) pairs from one safetensors file in either naming (e.g. a distilled DiT)."""
-    files = [require_file(Path(path), "DiT weights file")]
-    rename = dit_key_from_diffusers if _has_diffusers_names(files[0]) else _strip_wan_prefix
+    """(wan key, tensor) pairs from DiT weights outside the model folder (a file or a folder, see
+    :func:`dit_weight_files`) in either naming (e.g. a distilled or a pre-quantized DiT)."""
+    files = dit_weight_files(path)
+    rename = _renamer(files)
     for key, t in iter_safetensors(files):
         yield rename(key), t
+
+
+_QUANT_DTYPES = {"I8": "int8", "F8_E4M3": "fp8"}
+
+
+def stored_quant_scheme(files: list[Path]) -> str | None:
+    """"int8" / "fp8" when the files hold pre-quantized linears (``X.weight`` int8 / float8_e4m3fn beside
+    ``X.weight_scale``, LightX2V's layout and ``lightx2v convert --quantize``'s), else None. Headers only."""
+    found = set()
+    for f in files:
+        with open_safetensors(f) as sf:
+            keys = set(sf.keys())
+            for k in keys:
+                if k.endswith(".weight_scale") and k[: -len("_scale")] in keys:
+                    dtype = sf.get_slice(k[: -len("_scale")]).get_dtype()
+                    if dtype not in _QUANT_DTYPES:
+                        raise CheckpointError(f"{f}: {k[: -len('_scale')]} is stored as {dtype} beside a "
+                                              "weight_scale; pre-quantized weights are int8 or float8_e4m3fn")
+                    found.add(_QUANT_DTYPES[dtype])
+    if len(found) > 1:
+        raise CheckpointError(f"DiT weights {files[0].parent} mix int8 and fp8 linears")
+    return found.pop() if found else None
+
+
+def dit_source_files(model_dir: Path, layout: str, expert: str | None = None,
+                     weights_path: Path | None = None) -> list[Path]:
+    """The DiT's safetensors files: ``weights_path`` (a config key's file or folder) or the model folder's."""
+    if weights_path is not None:
+        return dit_weight_files(weights_path)
+    return safetensors_files(dit_folder(Path(model_dir), layout, expert), WAN_DIT_WEIGHTS)
 
 
 def dit_lazy_tensors(model_dir: Path | None = None, layout: str = "wan", *, expert: str | None = None,
                      weights_file: Path | None = None) -> LazyTensors:
     """The DiT's tensors in Wan names, read one at a time when asked (``lazy_load``): from a model folder in either
-    layout, or from one safetensors file in either naming (LightX2V's ``dit_original_ckpt``)."""
+    layout, or from weights outside it (a file or a folder, either naming: LightX2V's ``dit_original_ckpt`` /
+    ``dit_quantized_ckpt``)."""
     if weights_file is not None:
-        files = [require_file(Path(weights_file), "DiT weights file")]
-        rename = dit_key_from_diffusers if _has_diffusers_names(files[0]) else _strip_wan_prefix
+        files = dit_weight_files(Path(weights_file))
+        rename = _renamer(files)
     else:
         files = safetensors_files(dit_folder(Path(model_dir), layout, expert), WAN_DIT_WEIGHTS)
         rename = dit_key_from_diffusers if layout == "diffusers" else _strip_wan_prefix
     return LazyTensors(files, rename, what="DiT checkpoint")
 
 
-def load_dit_without_blocks(model_dir: str | Path, layout: str, *, attn, device="cpu",
-                            dtype: torch.dtype = torch.float32, expert: str | None = None, cross_attn=None,
-                            image_attn=None):
+def load_dit_without_blocks(model_dir: str | Path, layout: str, *, attn, cross_attn=None, image_attn=None,
+                            device="cpu", dtype: torch.dtype = torch.float32, expert: str | None = None,
+                            weights_file: Path | None = None, quant_scheme: str | None = None):
     """Build a WanDiT on the meta device and load only its non-block weights (strictly) onto ``device``; the block
-    weights stay on the meta device with their dtypes set, for ``apply_offload(..., lazy_load=True)``."""
+    weights stay on the meta device with their dtypes set, for ``apply_offload(..., lazy_load=True)``.
+    ``weights_file``: the weights outside the model folder (file or folder); ``quant_scheme``: the block linears are
+    QuantLinear (the checkpoint must hold them pre-quantized: they are read from disk as stored)."""
     import torch.nn as nn
 
     from lightx2v.models.wan.dit import WanDiT
@@ -263,15 +319,19 @@ def load_dit_without_blocks(model_dir: str | Path, layout: str, *, attn, device=
     cfg = read_dit_config(Path(model_dir), layout, expert)
     with torch.device("meta"):
         model = WanDiT(cfg, attn, cross_attn=cross_attn, image_attn=image_attn)
+    if quant_scheme is not None:
+        from lightx2v.ops.quant import apply_quantization
+
+        apply_quantization(model, quant_scheme)  # meta QuantLinear: int8 / float8 weights + float32 scales
     holder = nn.Module()  # the non-block submodules under their own names, so strict loading accounts for each key
     for name, child in model.named_children():
         if name != "blocks" and child is not None:
             holder.add_module(name, child)
-    source = dit_lazy_tensors(Path(model_dir), layout, expert=expert)
+    source = dit_lazy_tensors(Path(model_dir), layout, expert=expert, weights_file=weights_file)
     tensors = ((k, source.get(k)) for k in list(source.keys()) if not k.startswith("blocks."))
     dtype_for = lambda name: torch.float32 if WanDiT.is_float32_param(name) else dtype  # noqa: E731
-    assign_strict(holder, tensors, what=f"DiT checkpoint in {dit_folder(Path(model_dir), layout, expert)}",
-                  dtype_for=dtype_for, device=device)
+    where = weights_file or dit_folder(Path(model_dir), layout, expert)
+    assign_strict(holder, tensors, what=f"DiT checkpoint in {where}", dtype_for=dtype_for, device=device)
     source.close()
     model.to_inference_dtype(dtype)  # block tensors: meta, now with the dtypes the slots will use
     return model.eval().requires_grad_(False)
@@ -280,8 +340,9 @@ def load_dit_without_blocks(model_dir: str | Path, layout: str, *, attn, device=
 def load_dit(model_dir: Path, layout: str, *, attn, device="cpu", dtype=torch.float32,
              weights_file: Path | None = None, quant_scheme: str | None = None, expert: str | None = None,
              cross_attn=None, image_attn=None):
-    """Build a WanDiT on the meta device and stream its weights in (strict). ``weights_file``: one safetensors
-    file to take the weights from instead of the folder's (LightX2V's ``dit_original_ckpt``). ``quant_scheme``
+    """Build a WanDiT on the meta device and stream its weights in (strict). ``weights_file``: a safetensors file
+    or a folder of them to take the weights from instead of the model folder's (LightX2V's ``dit_original_ckpt``,
+    ``dit_quantized_ckpt``; :func:`dit_weight_files`). ``quant_scheme``
     ("fp8" / "int8"): the block linears become QuantLinear; float weights are quantized as they stream in (on
     ``device``), pre-quantized ones (``X.weight`` + ``X.weight_scale``) are taken as they are. ``expert``: which
     DiT of a two-expert checkpoint ("high" / "low")."""
@@ -291,7 +352,7 @@ def load_dit(model_dir: Path, layout: str, *, attn, device="cpu", dtype=torch.fl
     with torch.device("meta"):
         model = WanDiT(cfg, attn, cross_attn=cross_attn, image_attn=image_attn)
     if weights_file is not None:
-        tensors, what = single_file_dit_tensors(weights_file), f"DiT weights file {weights_file}"
+        tensors, what = single_file_dit_tensors(weights_file), f"DiT weights {weights_file}"
     else:
         tensors = dit_tensors(model_dir, layout, expert)
         what = f"DiT checkpoint in {dit_folder(model_dir, layout, expert)}"

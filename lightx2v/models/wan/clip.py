@@ -424,9 +424,7 @@ def openclip_image_processor(image_size: int = 224):
     """The ``CLIPImageProcessor`` of Wan2.1's diffusers release: resize the shortest edge to ``image_size`` (bicubic),
     center crop ``image_size`` x ``image_size``, rescale by 1/255, normalize with OpenCLIP's mean/std, convert to RGB.
     """
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(
+    return _processor_class()(
         do_resize=True,
         size={"shortest_edge": image_size},
         resample=_BICUBIC,
@@ -524,13 +522,20 @@ def _read_config(enc_dir: Path):
         raise CheckpointError(f"{path}: not a valid CLIP vision config: {e}") from e
 
 
-def _load_processor(proc_dir: Path, image_size: int):
-    from transformers import CLIPImageProcessor
+def _processor_class():
+    """transformers' PIL-backed ``CLIPImageProcessorPil`` where it exists (transformers 5: the plain class would
+    look for torchvision and warn on every load when it is absent), else ``CLIPImageProcessor`` (the same PIL
+    processing in transformers 4). One backend whether or not torchvision is installed: the same pixels."""
+    import transformers
 
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
+def _load_processor(proc_dir: Path, image_size: int):
     if not proc_dir.is_dir():
         raise CheckpointError(f"missing image processor folder: {proc_dir}")
     try:
-        processor = CLIPImageProcessor.from_pretrained(str(proc_dir), local_files_only=True)
+        processor = _processor_class().from_pretrained(str(proc_dir), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"cannot load the image processor in {proc_dir}: {e}") from e
     _check_processor(processor, image_size, proc_dir)

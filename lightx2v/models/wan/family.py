@@ -9,6 +9,7 @@ adds the checks across components (text width, latent channels, image encoder) b
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from lightx2v.models.wan.stages import (Expert, WanDecoder, WanEncoder, WanTrans
                                         loras_per_expert)
 from lightx2v.ops.attention import get_attention_backend
 
+log = logging.getLogger("lightx2v")
+
 WAN_CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 VAE_TEMPORAL = 4
 
@@ -39,9 +42,11 @@ _TI2V_5B = {"height": 704, "width": 1280, "num_frames": 121, "fps": 24, "guidanc
 MODEL_CLASS_DEFAULTS = {
     "wan2.1": {"t2v": {}, "i2v": {}, "flf2v": {}},
     "wan2.1_distill": {"t2v": _DISTILL, "i2v": _DISTILL, "flf2v": _DISTILL},
-    "wan2.2_moe": {"t2v": _MOE_T2V, "i2v": _MOE_I2V},
+    # A14B FLF2V: the I2V experts with a last frame too (LightX2V's wan_moe_flf2v / wan_distill_moe_flf2v)
+    "wan2.2_moe": {"t2v": _MOE_T2V, "i2v": _MOE_I2V, "flf2v": _MOE_I2V},
     "wan2.2_moe_distill": {"t2v": {**_DISTILL, "boundary_step_index": 2},
-                           "i2v": {**_DISTILL, "boundary_step_index": 2}},
+                           "i2v": {**_DISTILL, "boundary_step_index": 2},
+                           "flf2v": {**_DISTILL, "boundary_step_index": 2}},
     "wan2.2": {"t2v": _TI2V_5B, "i2v": _TI2V_5B},
 }
 
@@ -59,6 +64,23 @@ class WanConfig:
     need_scaled: bool | None = None  # TAE: it works on raw latents (z * std + mean); None: from the file name
     use_lightvae: bool = False
     vae_path: str | None = None  # LightVAE file (default: lightvaew2_1.safetensors under the model folder)
+    # what LightX2V configs repeat of the checkpoint (its config.json's sizes, the latent width): accepted when
+    # they match it, named when they do not
+    num_channels_latents: int | None = None  # the VAE's latent channels: 16 (Wan2.1 VAE) or 48 (Wan2.2 VAE)
+    dim: int | None = None
+    ffn_dim: int | None = None
+    freq_dim: int | None = None
+    in_dim: int | None = None
+    out_dim: int | None = None
+    num_heads: int | None = None
+    num_layers: int | None = None
+    eps: float | None = None
+    model_type: str | None = None
+    text_dim: int | None = None
+    window_size: tuple | None = None  # [-1, -1]: global attention (every Wan release)
+    qk_norm: bool | None = None  # true for every Wan release
+    cross_attn_norm: bool | None = None  # true for every Wan release
+    num_train_timesteps: int | None = None  # 1000 for Wan
 
     def __post_init__(self):
         from lightx2v.validate import check_bool
@@ -76,6 +98,22 @@ class WanConfig:
                 raise UserError(f"{', '.join(given)} set without {flag}: true")
         if self.use_image_encoder is not None and not isinstance(self.use_image_encoder, bool):
             raise UserError(f"use_image_encoder={self.use_image_encoder!r} must be true or false")
+        for name in ("num_channels_latents", *DIT_ARCH_KEYS, "num_train_timesteps"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name == "eps":
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            elif name == "model_type":
+                ok = isinstance(value, str)
+            else:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            if not ok:
+                raise UserError(f"{name}={value!r} is not a valid value (it must match the checkpoint's)")
+        for name, want in FIXED_ARCH.items():
+            value = getattr(self, name)
+            if value is not None and (list(value) if isinstance(value, (list, tuple)) else value) != want:
+                raise UserError(f"{name}={value!r} is not supported: every Wan DiT has {name}={want!r}")
         if self.vae_stride is not None:
             if list(self.vae_stride) not in ([4, 8, 8], [4, 16, 16]):
                 raise UserError(f"vae_stride={self.vae_stride!r} is not supported; allowed: [4, 8, 8] (Wan2.1 VAE), "
@@ -85,6 +123,24 @@ class WanConfig:
 
 # LightX2V keys whose value is fixed for Wan
 FIXED_KEYS = {"text_len": 512, "patch_size": [1, 2, 2]}
+# sizes of the DiT a config may repeat (checked against the checkpoint's config), and values fixed for every Wan DiT
+DIT_ARCH_KEYS = ("dim", "ffn_dim", "freq_dim", "in_dim", "out_dim", "num_heads", "num_layers", "eps", "model_type",
+                 "text_dim")
+FIXED_ARCH = {"window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True, "num_train_timesteps": 1000}
+# Keys LightX2V's runner of a model class does not read (its WanRunner / Wan22MoeRunner samples with infer_steps
+# and boundary; the step-distill runners with denoising_step_list and boundary_step_index).
+_NOT_DISTILL = "model_cls {cls!r} samples with infer_steps (LightX2V's WanScheduler reads no step list)"
+IGNORED_KEYS = {
+    "wan2.1": {"denoising_step_list": _NOT_DISTILL.format(cls="wan2.1") + "; use model_cls 'wan2.1_distill' for the "
+                                                                          "step-distilled sampler"},
+    "wan2.2": {"denoising_step_list": _NOT_DISTILL.format(cls="wan2.2")},
+    "wan2.2_moe": {"denoising_step_list": _NOT_DISTILL.format(cls="wan2.2_moe") + "; use model_cls "
+                                                                                  "'wan2.2_moe_distill' for it",
+                   "boundary_step_index": "model_cls 'wan2.2_moe' switches experts at boundary (LightX2V's "
+                                          "Wan22MoeRunner reads no boundary_step_index)"},
+    "wan2.2_moe_distill": {"boundary": "model_cls 'wan2.2_moe_distill' switches experts after boundary_step_index "
+                                       "steps (LightX2V's step-distill runner reads no boundary)"},
+}
 
 
 # --- what a builder reads ----------------------------------------------------------------------------------------
@@ -167,8 +223,10 @@ def text_width(root: Path, layout: str) -> int:
     return sd["token_embedding.weight"].shape[1]
 
 
-def check_model_files(root: Path, layout: str, image_input: bool, experts, vae_file: Path) -> None:
-    """Fail early, naming the first missing file or folder of the checkpoint. ``image_input``: CLIP files too."""
+def check_model_files(root: Path, layout: str, image_input: bool, experts, vae_file: Path,
+                      external: tuple = ()) -> None:
+    """Fail early, naming the first missing file or folder of the checkpoint. ``image_input``: CLIP files too.
+    ``external``: experts whose weights come from outside the folder (their shards are not required there)."""
     dit_configs = [str(dit_folder(root, layout, e).relative_to(root) / "config.json") for e in experts]
     if layout == "wan":
         names = dit_configs + [str(vae_file.relative_to(root)), WAN_T5_FILE, WAN_TOKENIZER_DIR]
@@ -178,7 +236,8 @@ def check_model_files(root: Path, layout: str, image_input: bool, experts, vae_f
         names += ["image_encoder/config.json", "image_processor"] if image_input else []
     _require(root, names, layout)
     for e in experts:
-        safetensors_files(dit_folder(root, layout, e), "diffusion_pytorch_model")
+        if e not in external:
+            safetensors_files(dit_folder(root, layout, e), "diffusion_pytorch_model")
 
 
 def _require(root: Path, names: list[str], layout: str) -> None:
@@ -239,14 +298,18 @@ def build_transformer(spec: StageSpec) -> WanTransformer:
         raise CheckpointError(f"the two experts of {root} differ in their inputs: {dit_cfgs}")
     check_task(spec.task, dit_cfg, spec.model_cls, root)
     _require(root, [str(dit_folder(root, layout, e).relative_to(root) / "config.json") for e in experts], layout)
-    for e in experts:
-        safetensors_files(dit_folder(root, layout, e), "diffusion_pytorch_model")
+    weights = _weights_files(cfg.checkpoint, experts)
+    for e, w in zip(experts, weights):
+        if w is None:
+            safetensors_files(dit_folder(root, layout, e), "diffusion_pytorch_model")
     dev, dt = resolve_device_dtype(cfg.runtime.device, cfg.runtime.dtype)
+    if cfg.offload.cpu_offload and dev.type == "cpu":
+        log.info("cpu_offload: the DiT runs on the CPU, where its weights already are; offloading only adds "
+                 "copies here%s", " (lazy_load still bounds the host memory)" if cfg.offload.lazy_load else "")
     a = cfg.attention
     attn = tuple(get_attention_backend(name, dtype=dt, head_dim=dit_cfg.head_dim, device=dev)
                  for name in (a.self_attn_1_type, a.cross_attn_1_type, a.cross_attn_2_type))
-    ck, off, rt = cfg.checkpoint, cfg.offload, cfg.runtime
-    weights = _weights_files(ck, experts)
+    off, rt = cfg.offload, cfg.runtime
     if len(experts) > 1 and cfg.cache.method != "NoCaching":
         raise UserError("feature_caching is not supported yet for two-expert (Wan2.2 A14B) models")
     names = [EXPERT_FOLDERS["wan"][e] if e else None for e in experts]
@@ -257,7 +320,7 @@ def build_transformer(spec: StageSpec) -> WanTransformer:
     loras = loras_per_expert(lora_cfg, [Expert(None, name=n) for n in names])
     stage_experts = []
     for index, (expert, weights_file) in enumerate(zip(experts, weights)):
-        dit = _load_dit(root, layout, cfg, expert, weights_file, attn, dev, dt)
+        dit, scheme = _load_dit(root, layout, cfg, expert, weights_file, attn, dev, dt)
         lora = None
         if loras[index] is not None:  # runtime features, attached from outside the model
             from lightx2v.hooks.lora import apply_lora
@@ -273,7 +336,8 @@ def build_transformer(spec: StageSpec) -> WanTransformer:
             from lightx2v.hooks.offload import apply_offload
             from lightx2v.models.wan.checkpoint import dit_lazy_tensors
 
-            source = dit_lazy_tensors(root, layout, expert=expert) if off.lazy_load else None
+            source = dit_lazy_tensors(root, layout, expert=expert, weights_file=weights_file) \
+                if off.lazy_load else None
             offload = apply_offload(dit, off, dev, weights_source=source)
             offload.offload()  # nothing on the GPU until the denoising loop
         if rt.use_compile:
@@ -347,13 +411,17 @@ def check_checkpoint(spec: StageSpec) -> None:
         raise UserError(f"{str(root)!r}: its DiT {'takes' if dit_cfg.has_image_input else 'takes no'} CLIP image "
                         f"tokens, which model_cls {model_cls!r} does not expect")
     vae_file = vae_path(root, layout, wan22=model_cls == "wan2.2")
-    check_model_files(root, layout, clip, experts, vae_file)
+    weights = _weights_files(cfg.checkpoint, experts)
+    check_model_files(root, layout, clip, experts, vae_file,
+                      external=tuple(e for e, w in zip(experts, weights) if w is not None))
     resolve_device_dtype(cfg.runtime.device, cfg.runtime.dtype)
     wan = cfg.family
     if wan is not None and wan.use_image_encoder is not None and wan.use_image_encoder != dit_cfg.has_image_input:
         raise UserError(f"use_image_encoder={str(wan.use_image_encoder).lower()} does not fit this DiT, which "
                         f"{'takes' if dit_cfg.has_image_input else 'takes no'} CLIP image tokens")
     _, vae_cfg = _vae_config(spec, layout)
+    if wan is not None:
+        check_arch_keys(wan, dit_cfg, vae_cfg.z_dim, root)
     if vae_cfg.z_dim != dit_cfg.out_dim:
         raise CheckpointError(f"the VAE's {vae_cfg.z_dim} latent channels ({vae_file.name}) do not fit the DiT's "
                               f"{dit_cfg.out_dim} output channels")
@@ -369,37 +437,81 @@ def check_checkpoint(spec: StageSpec) -> None:
     if len(experts) > 1 and cfg.cache.method != "NoCaching":
         raise UserError("feature_caching is not supported yet for two-expert (Wan2.2 A14B) models")
     check_expert_settings(cfg.sampling, len(experts))
-    _weights_files(cfg.checkpoint, experts)
+
+
+def check_arch_keys(wan: WanConfig, dit_cfg, z_dim: int, root: Path) -> None:
+    """The sizes a config repeats must be the checkpoint's (LightX2V merges them over the checkpoint's config)."""
+    if wan.num_channels_latents is not None and wan.num_channels_latents != z_dim:
+        raise UserError(f"num_channels_latents={wan.num_channels_latents} does not fit {str(root)!r}, whose VAE has "
+                        f"{z_dim} latent channels ({'Wan2.2' if z_dim == 48 else 'Wan2.1'} VAE)")
+    for name in DIT_ARCH_KEYS:
+        value = getattr(wan, name)
+        have = getattr(dit_cfg, name)
+        if value is None:
+            continue
+        same = abs(value - have) <= 1e-12 * max(1.0, abs(have)) if name == "eps" else value == have
+        if not same:
+            raise UserError(f"{name}={value!r} does not fit the DiT of {str(root)!r}, which has {name}={have!r}")
 
 
 def _load_dit(root: Path, layout: str, cfg, expert: str | None, weights_file: str | None, attn, dev, dt):
-    from lightx2v.models.wan.checkpoint import load_dit, load_dit_without_blocks
+    """One DiT with its weights -> (model, the quantization format of its block linears or None).
+
+    The format: ``dit_quant_scheme`` when given, else what the weights hold (a pre-quantized checkpoint, ours or
+    LightX2V's, is recognised from its ``weight_scale`` tensors). Float weights are quantized while loading; with
+    ``lazy_load`` the blocks are read from disk as stored, so a quantized DiT needs pre-quantized weights."""
+    from lightx2v.models.wan.checkpoint import (dit_source_files, load_dit, load_dit_without_blocks,
+                                                stored_quant_scheme)
     from lightx2v.ops.quant import resolve_scheme
 
     off, ck = cfg.offload, cfg.checkpoint
     self_attn, cross_attn, image_attn = attn
     backends = dict(attn=self_attn, cross_attn=cross_attn, image_attn=image_attn)
+    path = Path(weights_file) if weights_file else None
+    where = str(path) if path is not None else str(dit_folder(root, layout, expert))
+    stored = stored_quant_scheme(dit_source_files(root, layout, expert, path))
+    scheme = resolve_scheme(ck.dit_quant_scheme)
+    if stored is not None and scheme is not None and stored != scheme:
+        raise CheckpointError(f"{where} holds {stored} weights, but dit_quant_scheme={ck.dit_quant_scheme!r} asks for "
+                              f"{scheme}; set dit_quant_scheme to {stored} (or leave it out)")
+    if stored is not None:
+        if scheme is None:
+            log.info("%s holds pre-quantized %s linears (X.weight + X.weight_scale): loading them as %s", where,
+                     stored, stored)
+        scheme = stored
+    elif scheme is not None and ck.dit_quantized:
+        log.info("dit_quantized: %s holds float weights; quantizing the block linears to %s while loading", where,
+                 scheme)
     if off.lazy_load:  # block weights stay on disk; only the rest is loaded
-        if weights_file:
-            raise UserError("lazy_load with dit_original_ckpt is not supported; convert the file into a "
-                            "checkpoint folder with `lightx2v convert` first")
-        return load_dit_without_blocks(root, layout, device=dev, dtype=dt, expert=expert, **backends)
-    return load_dit(root, layout, device="cpu" if off.cpu_offload else dev, dtype=dt,
-                    weights_file=Path(weights_file) if weights_file else None,
-                    quant_scheme=resolve_scheme(ck.dit_quant_scheme), expert=expert, **backends)
+        if scheme is not None and stored is None:
+            raise UserError(f"lazy_load reads the block weights from disk as they are stored, and {where} holds "
+                            f"float weights: for dit_quant_scheme {scheme!r} write a pre-quantized checkpoint first "
+                            f"(`lightx2v convert SRC DST --layout wan --quantize {scheme}`), or leave out lazy_load")
+        return load_dit_without_blocks(root, layout, device=dev, dtype=dt, expert=expert, weights_file=path,
+                                       quant_scheme=scheme, **backends), scheme
+    return load_dit(root, layout, device="cpu" if off.cpu_offload else dev, dtype=dt, weights_file=path,
+                    quant_scheme=scheme, expert=expert, **backends), scheme
 
 
 def _weights_files(ck, experts) -> list[str | None]:
-    """One weights file per expert: dit_original_ckpt for one DiT, high/low_noise_original_ckpt for two."""
+    """Per expert, the weights to read instead of the model folder's (CheckpointConfig.weights_path): one DiT
+    takes the ``dit_*`` keys, two experts the ``high_noise_*`` / ``low_noise_*`` ones."""
+    one = {"dit_original_ckpt": ck.dit_original_ckpt, "dit_quantized_ckpt": ck.dit_quantized_ckpt}
+    two = {k: getattr(ck, k) for k in ("high_noise_original_ckpt", "low_noise_original_ckpt",
+                                       "high_noise_quantized_ckpt", "low_noise_quantized_ckpt")}
     if len(experts) == 1:
-        if ck.high_noise_original_ckpt or ck.low_noise_original_ckpt:
-            raise UserError("high_noise_original_ckpt / low_noise_original_ckpt are for two-expert models; use "
-                            "dit_original_ckpt")
-        return [ck.dit_original_ckpt]
-    if ck.dit_original_ckpt:
-        raise UserError("a two-expert model takes high_noise_original_ckpt and low_noise_original_ckpt, not "
-                        "dit_original_ckpt")
-    return [ck.high_noise_original_ckpt, ck.low_noise_original_ckpt]
+        given = [k for k, v in two.items() if v]
+        if given:
+            raise UserError(f"{', '.join(given)}: for two-expert (Wan2.2 A14B) models; this model has one DiT: use "
+                            "dit_original_ckpt / dit_quantized_ckpt")
+        if ck.dit_quantized_ckpt and not ck.dit_quantized:
+            log.info("dit_quantized_ckpt is read only with dit_quantized: true (as in LightX2V); ignored")
+        return [ck.weights_path(None)]
+    given = [k for k, v in one.items() if v]
+    if given:
+        raise UserError(f"{', '.join(given)}: a two-expert model takes high_noise_* and low_noise_* weights "
+                        "(high_noise_original_ckpt / low_noise_original_ckpt, or the *_quantized_ckpt keys)")
+    return [ck.weights_path(e) for e in experts]
 
 
 def _entry(spec) -> dict:
@@ -441,6 +553,7 @@ FAMILY = WAN = register_family(ModelFamily(
     build_transformer=build_transformer,
     build_decoder=build_decoder,
     build_all=build_all,
+    check=check_checkpoint,
     config_section=WanConfig,
     fixed_keys=FIXED_KEYS,
     lora_names=tuple(EXPERT_FOLDERS["wan"].values()),
@@ -449,6 +562,7 @@ FAMILY = WAN = register_family(ModelFamily(
     recognizes=_recognizes,
     convert=_convert,
     layouts=("wan", "diffusers"),
+    ignored_keys=IGNORED_KEYS,
 ))
 
 __all__ = ["FAMILY", "WAN", "WanConfig", "build_all", "build_decoder", "build_encoder", "build_transformer",

@@ -500,13 +500,14 @@ class WanTransformer:
 def check_expert_settings(s: SamplingConfig, n_experts: int) -> None:
     """The two-expert settings must fit the model: none of them is silently ignored."""
     if n_experts == 1:
-        given = [name for name, v in (("boundary", s.boundary), ("boundary_step_index", s.boundary_step_index))
-                 if v is not None]
-        if isinstance(s.guidance_scale, tuple):
-            given.append(f"guidance_scale={list(s.guidance_scale)}")
+        given = [f"{name}={v}" for name, v in (("boundary", s.boundary), ("boundary_step_index",
+                                                                           s.boundary_step_index)) if v is not None]
         if given:
-            raise UserError(f"{', '.join(given)}: two-expert (Wan2.2 A14B) settings, but this model has one DiT; "
-                            "give guidance_scale as one number")
+            raise UserError(f"{', '.join(given)}: when to switch from the high-noise to the low-noise expert of a "
+                            "two-expert (Wan2.2 A14B) model; this model has one DiT: leave it out")
+        if isinstance(s.guidance_scale, tuple):
+            raise UserError(f"guidance_scale={list(s.guidance_scale)} gives the two experts of a Wan2.2 A14B model "
+                            "their own scales; this model has one DiT: give one number")
         return
     if s.boundary_step_index is not None:
         if s.denoising_step_list is None:

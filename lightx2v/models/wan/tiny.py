@@ -53,6 +53,8 @@ def ensure_tiny_model(task: str = "t2v", model_cls: str = "wan2.1", root: Path |
     needed (Wan2.1; Wan2.2 A14B: two experts, Wan2.2 I2V without CLIP; Wan2.2 TI2V-5B: the 48-channel VAE), with the
     sizes it runs in seconds as its own defaults (also when the folder is passed as model_path)."""
     family = _family(model_cls)
+    if family == "wan2.2_moe" and task == "flf2v":
+        task = "i2v"  # Wan2.2 A14B: the I2V experts also take a last frame (LightX2V's wan_moe_flf2v)
     return ensure_model_folder(f"tiny-{family}-{task}-v{TINY_VERSION}", lambda d: write_tiny_model(d, task, family),
                                tiny_defaults(task, family), root)
 
